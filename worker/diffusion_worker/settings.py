@@ -51,6 +51,11 @@ class WorkerSettings(BaseSettings):
         description="Weights dtype. auto: bfloat16 on CUDA with bf16 support, float16 on older CUDA, "
         "float32 on CPU.",
     )
+    pipeline: str | None = Field(
+        None,
+        description="diffusers pipeline class to load the model with (e.g. StableDiffusionXLPipeline). "
+        "Default: the class named in the model's model_index.json.",
+    )
     device: str | None = Field(None, description="torch device (cuda, cuda:1, cpu). Default: cuda when present.")
     served_model_name: str | None = Field(
         None, description="Name clients pass as `model` and /v1/models lists. Default: --model."
