@@ -56,7 +56,9 @@ class WorkerSettings(BaseSettings):
         description="diffusers pipeline class to load the model with (e.g. StableDiffusionXLPipeline). "
         "Default: the class named in the model's model_index.json.",
     )
-    device: str | None = Field(None, description="torch device (cuda, cuda:1, cpu). Default: cuda when present.")
+    device: str | None = Field(
+        None, description="torch device (cuda, cuda:1, cpu). Default: cuda when present."
+    )
     served_model_name: str | None = Field(
         None, description="Name clients pass as `model` and /v1/models lists. Default: --model."
     )
@@ -72,7 +74,9 @@ class WorkerSettings(BaseSettings):
         description="When set, /v1/* requests must send `Authorization: Bearer <key>`. Prefer the env "
         "var DIFFUSION_WORKER_API_KEY to a flag: flags show in process lists.",
     )
-    max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body accepted (413 above)."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     # --- storage ---
     storage_url: str = Field(
@@ -80,7 +84,8 @@ class WorkerSettings(BaseSettings):
         description="fsspec URL images are written under for response_format=url (file://, s3://, gs://).",
     )
     public_base_url: str | None = Field(
-        None, description="Base URL that maps to --storage-url for clients (e.g. a CDN); image URL = base + path."
+        None,
+        description="Base URL that maps to --storage-url for clients (e.g. a CDN); image URL = base + path.",
     )
     url_expiry_seconds: int = Field(
         3600,
@@ -89,12 +94,14 @@ class WorkerSettings(BaseSettings):
         description="Lifetime of presigned s3:// and gs:// URLs when no --public-base-url is set.",
     )
     # --- limits ---
-    max_inference_steps: int = Field(50, ge=1, le=1000, description="Largest nvext.num_inference_steps accepted.")
-    max_images_per_request: int = Field(10, ge=1, le=128, description="Largest `n` accepted.")
-    max_pixels: int = Field(
-        2048 * 2048, ge=64 * 64, description="Largest width*height accepted for `size`."
+    max_inference_steps: int = Field(
+        50, ge=1, le=1000, description="Largest nvext.num_inference_steps accepted."
     )
-    max_prompt_length: int = Field(4000, ge=1, description="Longest prompt (and negative prompt), in characters.")
+    max_images_per_request: int = Field(10, ge=1, le=128, description="Largest `n` accepted.")
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="Largest width*height accepted for `size`.")
+    max_prompt_length: int = Field(
+        4000, ge=1, description="Longest prompt (and negative prompt), in characters."
+    )
     max_batch_size: int = Field(4, ge=1, le=256, description="Most images generated in one pipeline call.")
     max_queue: int = Field(
         64, ge=1, description="Most images waiting or running; requests beyond it get 429 with Retry-After."
@@ -104,13 +111,18 @@ class WorkerSettings(BaseSettings):
         None, ge=1, description="Steps when a request gives none. Default: the pipeline's own default."
     )
     default_guidance_scale: float | None = Field(
-        None, ge=0, description="Guidance scale when a request gives none. Default: the pipeline's own default."
+        None,
+        ge=0,
+        description="Guidance scale when a request gives none. Default: the pipeline's own default.",
     )
     default_size: str | None = Field(
-        None, description="WIDTHxHEIGHT when a request gives none or `auto`. Default: the model's native size."
+        None,
+        description="WIDTHxHEIGHT when a request gives none or `auto`. Default: the model's native size.",
     )
     # --- parallelism ---
-    data_parallel_size: int = Field(1, ge=1, description="Pipelines loaded, one per device; batches go to any free one.")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Pipelines loaded, one per device; batches go to any free one."
+    )
     context_parallel_size: int = Field(
         1, ge=1, description="Devices that share one image (context parallelism). Only 1 is supported so far."
     )
@@ -119,7 +131,9 @@ class WorkerSettings(BaseSettings):
     @classmethod
     def _storage_url_has_scheme(cls, value: str) -> str:
         if "://" not in value:
-            raise ValueError(f"storage_url must be a URL such as file:///data or s3://bucket/prefix, got {value!r}")
+            raise ValueError(
+                f"storage_url must be a URL such as file:///data or s3://bucket/prefix, got {value!r}"
+            )
         return value.rstrip("/")
 
     @property

@@ -1,0 +1,235 @@
+"""The worker under uvicorn on loopback, driven by the official openai client (nothing mocked)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def decode(b64: str | None) -> bytes:
+    assert b64 is not None
+    return base64.b64decode(b64)
+
+
+def max_pixel_difference(a: bytes, b: bytes) -> int:
+    first = np.asarray(Image.open(io.BytesIO(a)), dtype=np.int16)
+    second = np.asarray(Image.open(io.BytesIO(b)), dtype=np.int16)
+    return int(np.abs(first - second).max())
+
+
+def generate_b64(client: openai.OpenAI, seed: int, **kwargs: object) -> list[bytes]:
+    response = client.images.generate(
+        prompt="a red circle on a blue background",
+        response_format="b64_json",
+        extra_body={"nvext": {"seed": seed, "num_inference_steps": 2}},
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return [decode(image.b64_json) for image in response.data or []]
+
+
+def test_b64_with_n2_gives_two_distinct_pngs_of_requested_size(client: openai.OpenAI) -> None:
+    response = client.images.generate(
+        model="tiny-sd",
+        prompt="a red circle",
+        n=2,
+        size="64x48",  # type: ignore[arg-type]
+        response_format="b64_json",
+        extra_body={"nvext": {"seed": 7, "num_inference_steps": 2}},
+    )
+    images = [decode(image.b64_json) for image in response.data or []]
+    assert len(images) == 2
+    assert images[0] != images[1]
+    for blob in images:
+        assert blob.startswith(PNG_MAGIC)
+        assert Image.open(io.BytesIO(blob)).size == (64, 48)
+    assert response.size == "64x48"
+    assert response.output_format == "png"
+    assert response.model_extra is not None and response.model_extra["nvext"]["seeds"] == [7, 8]
+
+
+@pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_jpeg_and_webp_output(client: openai.OpenAI, output_format: str, pil_format: str) -> None:
+    (blob,) = generate_b64(client, 1, output_format=output_format, output_compression=80)
+    image = Image.open(io.BytesIO(blob))
+    assert image.format == pil_format
+    assert image.size == (64, 64)
+
+
+def test_same_seed_gives_byte_identical_images_and_other_seeds_differ(client: openai.OpenAI) -> None:
+    first = generate_b64(client, 1234, n=2)
+    again = generate_b64(client, 1234, n=2)
+    shifted = generate_b64(client, 1235)
+    assert first == again
+    # Image i of a request uses seed + i; batched matmuls differ from single ones in the last bits.
+    assert max_pixel_difference(shifted[0], first[1]) <= 2
+    assert generate_b64(client, 99)[0] != first[0]
+
+
+def test_seed_zero_is_a_real_seed(client: openai.OpenAI) -> None:
+    assert generate_b64(client, 0) == generate_b64(client, 0)
+
+
+def test_absent_seed_is_random_and_reported(client: openai.OpenAI) -> None:
+    seeds = []
+    for _ in range(2):
+        response = client.images.generate(prompt="x", response_format="b64_json")
+        assert response.model_extra is not None
+        seeds.append(response.model_extra["nvext"]["seeds"][0])
+    assert seeds[0] != seeds[1]
+    assert generate_b64(client, seeds[0])[0]  # a reported seed can be passed back
+
+
+def test_url_with_file_storage_is_fetched_back_byte_identical(client: openai.OpenAI, worker_url: str) -> None:
+    response = client.images.generate(
+        prompt="a red circle on a blue background",
+        user="alice",
+        extra_body={"nvext": {"seed": 42, "num_inference_steps": 2}},
+    )
+    url = (response.data or [])[0].url
+    assert url is not None and url.startswith(f"{worker_url}/v1/images/files/users/alice/generations/")
+    fetched = httpx.get(url)
+    assert fetched.status_code == 200
+    assert fetched.headers["content-type"] == "image/png"
+    assert fetched.content == generate_b64(client, 42)[0]
+
+
+@pytest.mark.parametrize(
+    "user", ["../../etc", "..", "a/../../b", "/abs/path", "x\\..\\y", "....", "\x00evil"]
+)
+def test_path_escaping_user_stays_under_the_storage_prefix(
+    client: openai.OpenAI, worker_url: str, user: str
+) -> None:
+    response = client.images.generate(prompt="p", user=user, extra_body={"nvext": {"num_inference_steps": 1}})
+    url = (response.data or [])[0].url
+    assert url is not None
+    path = urlparse(url).path.removeprefix("/v1/images/files/")
+    segments = path.split("/")
+    assert segments[0] == "users" and segments[2] == "generations" and len(segments) == 5
+    assert segments[1] not in ("", ".", "..") and "/" not in segments[1]
+    assert httpx.get(url).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path", ["../../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "users/../../outside.png", "users"]
+)
+def test_files_route_serves_nothing_outside_the_storage_root(worker_url: str, path: str) -> None:
+    response = httpx.get(f"{worker_url}/v1/images/files/{path}")
+    assert response.status_code == 404
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_step_cap_is_a_400_naming_the_limit(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="p", extra_body={"nvext": {"num_inference_steps": 21}})
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "nvext.num_inference_steps"
+    assert "at most 20" in error["message"] and "21" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("size", "needle"),
+    [
+        ("100x7", "multiples of 8"),
+        ("big", "WIDTHxHEIGHT"),
+        ("0x64", "multiples of 8"),
+        ("4096x4096", "at most"),
+    ],
+)
+def test_bad_sizes_are_400_naming_size(client: openai.OpenAI, size: str, needle: str) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="p", size=size)  # type: ignore[arg-type]
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "size" and needle in error["message"]
+
+
+def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.images.generate(model="dall-e-3", prompt="p")
+    error = caught.value.body
+    assert isinstance(error, dict) and error["code"] == "model_not_found" and error["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "p", "response_format": "gif"}, "response_format"),
+        ({"prompt": "p", "n": 5}, "n"),
+        ({"prompt": "p", "n": 0}, "n"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "p", "output_format": "bmp"}, "output_format"),
+        ({"prompt": "p", "output_compression": 101}, "output_compression"),
+        ({"prompt": "p", "quality": "ultra"}, "quality"),
+        ({"prompt": "p", "nvext": {"seed": -1}}, "nvext.seed"),
+        ({"prompt": "p", "nvext": {"guidance_scale": -2}}, "nvext.guidance_scale"),
+        ({"prompt": "p", "nvext": {"steps": 3}}, "nvext.steps"),
+        ({"prompt": "x" * 4001}, "prompt"),
+    ],
+)
+def test_invalid_requests_are_400_openai_errors_naming_param(worker_url: str, body: dict, param: str) -> None:
+    response = httpx.post(f"{worker_url}/v1/images/generations", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_malformed_json_unknown_route_and_wrong_method_are_openai_errors(worker_url: str) -> None:
+    cases = [
+        (httpx.post(f"{worker_url}/v1/images/generations", content=b"{not json"), 400),
+        (httpx.post(f"{worker_url}/v1/images/generations", json=["a", "list"]), 400),
+        (httpx.get(f"{worker_url}/v1/nope"), 404),
+        (httpx.get(f"{worker_url}/v1/images/generations"), 405),
+    ]
+    for response, status in cases:
+        assert response.status_code == status
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_oversized_body_gets_413(worker_url: str) -> None:
+    response = httpx.post(
+        f"{worker_url}/v1/images/generations",
+        content=b'{"prompt": "' + b"x" * 2_000_000 + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_top_level_fields_are_ignored(client: openai.OpenAI) -> None:
+    response = client.images.generate(
+        prompt="p",
+        response_format="b64_json",
+        extra_body={"some_future_field": 1, "nvext": {"num_inference_steps": 1}},
+    )
+    assert len(response.data or []) == 1
+
+
+def test_models_health_ready_and_metrics(client: openai.OpenAI, worker_url: str) -> None:
+    assert [model.id for model in client.models.list()] == ["tiny-sd"]
+    assert httpx.get(f"{worker_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{worker_url}/ready").status_code == 200
+    generate_b64(client, 5)
+    metrics = httpx.get(f"{worker_url}/metrics").text
+    assert 'diffusion_worker_requests_total{route="/v1/images/generations",status="200"}' in metrics
+    assert "diffusion_worker_images_generated_total" in metrics
+    assert "diffusion_worker_generation_seconds_bucket" in metrics
+
+
+def test_every_response_carries_a_request_id(worker_url: str) -> None:
+    ids = {httpx.get(f"{worker_url}/health").headers["x-request-id"] for _ in range(3)}
+    assert len(ids) == 3

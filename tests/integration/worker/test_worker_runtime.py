@@ -1,0 +1,240 @@
+"""Worker behaviour around the API: auth, S3 storage, storage failure, back-pressure, start-up, CLI."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import openai
+import pytest
+import s3fs
+
+from diffusion_worker.engine import Engine, GenerationBatch, load_engines
+from diffusion_worker.settings import WorkerSettings
+from support.seaweedfs import S3Endpoint
+
+WorkerFactory = Callable[..., str]
+
+
+pytestmark = pytest.mark.integration
+
+
+class GatedEngine:
+    """The real tiny-model engine, held at a gate before each pipeline call.
+
+    Not a mock: images still come from the real pipeline. The gate only makes "a generation is in
+    progress" a state the test controls instead of a race it hopes to win.
+    """
+
+    def __init__(self, inner: Engine) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.device = inner.device
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def generate(self, batch: GenerationBatch) -> list[Any]:
+        self.entered.set()
+        assert self.gate.wait(timeout=60), "test never opened the gate"
+        return self.inner.generate(batch)
+
+    def close(self) -> None:
+        self.gate.set()
+        self.inner.close()
+
+
+def gated_loader(holder: list[GatedEngine]) -> Any:
+    def load(settings: WorkerSettings) -> list[Engine]:
+        engines = [GatedEngine(engine) for engine in load_engines(settings)]
+        holder.extend(engines)
+        return list(engines)
+
+    return load
+
+
+def post(url: str, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=60, **kwargs)
+
+
+def test_api_key_is_required_when_configured(start_worker: WorkerFactory) -> None:
+    url = start_worker(api_key="s3cret")
+    with pytest.raises(openai.AuthenticationError) as caught:
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="p")
+    assert isinstance(caught.value.body, dict) and caught.value.body["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+    response = good.images.generate(prompt="p", response_format="b64_json", extra_body={"nvext": {"seed": 1}})
+    assert len(response.data or []) == 1
+    assert httpx.get(f"{url}/health").status_code == 200, "probes need no key"
+
+
+def test_url_with_s3_storage_on_a_real_seaweedfs_server(
+    start_worker: WorkerFactory, seaweedfs: S3Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in seaweedfs.env.items():
+        monkeypatch.setenv(name, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir("images")
+    url = start_worker(storage_url="s3://images/generated", url_expiry_seconds=600)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    response = client.images.generate(prompt="p", n=2, user="carol", extra_body={"nvext": {"seed": 3}})
+    urls = [image.url for image in response.data or []]
+    assert len(urls) == 2
+    same_seed = client.images.generate(
+        prompt="p", n=2, response_format="b64_json", extra_body={"nvext": {"seed": 3}}
+    )
+    for index, image_url in enumerate(urls):
+        assert image_url is not None
+        parsed = urlparse(image_url)
+        assert parsed.netloc == urlparse(seaweedfs.url).netloc and "Signature=" in parsed.query
+        key = parsed.path.lstrip("/")
+        assert key.startswith("images/generated/users/carol/generations/") and key.endswith(f"/{index}.png")
+        stored = fs.cat(key)  # the object exists at the promised key
+        assert stored == httpx.get(image_url).content  # and the presigned URL serves it
+        assert stored == base64.b64decode((same_seed.data or [])[index].b64_json or "")
+
+
+def test_storage_failure_is_502_and_the_worker_keeps_serving(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the storage directory should be")
+    url = start_worker(storage_url=f"file://{blocker}/images")
+    failed = post(url, {"prompt": "p", "nvext": {"num_inference_steps": 1}})
+    assert failed.status_code == 502
+    assert failed.json()["error"]["type"] == "storage_error"
+    assert "data" not in failed.json()
+    ok = post(url, {"prompt": "p", "response_format": "b64_json", "nvext": {"num_inference_steps": 1}})
+    assert ok.status_code == 200
+
+
+def test_health_and_metrics_answer_while_an_image_is_being_made(start_worker: WorkerFactory) -> None:
+    engines: list[GatedEngine] = []
+    url = start_worker(engine_loader=gated_loader(engines))
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, url, {"prompt": "p", "response_format": "b64_json"})
+        assert engines[0].entered.wait(30)
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert "diffusion_worker_queue_images 1.0" in httpx.get(f"{url}/metrics", timeout=5).text
+        assert not pending.done()
+        engines[0].gate.set()
+        assert pending.result(timeout=60).status_code == 200
+
+
+def test_full_queue_gives_429_with_retry_after_and_not_ready(start_worker: WorkerFactory) -> None:
+    engines: list[GatedEngine] = []
+    url = start_worker(engine_loader=gated_loader(engines), max_queue=2, max_images_per_request=2)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, url, {"prompt": "p", "n": 2, "response_format": "b64_json"})
+        assert engines[0].entered.wait(30)
+        refused = post(url, {"prompt": "q"})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"].isdigit()
+        assert refused.json()["error"]["type"] == "server_overloaded"
+        assert httpx.get(f"{url}/ready").status_code == 503
+        engines[0].gate.set()
+        assert len(pending.result(timeout=60).json()["data"]) == 2
+    assert httpx.get(f"{url}/ready").status_code == 200
+    assert (
+        'diffusion_worker_rejected_requests_total{reason="queue_full"} 1.0'
+        in httpx.get(f"{url}/metrics").text
+    )
+
+
+def test_data_parallel_pipelines_on_cpu_serve_concurrent_requests(start_worker: WorkerFactory) -> None:
+    url = start_worker(data_parallel_size=2, max_batch_size=1)
+    with ThreadPoolExecutor(4) as pool:
+        bodies = [{"prompt": "p", "response_format": "b64_json", "nvext": {"seed": s}} for s in range(4)]
+        results = list(pool.map(lambda body: post(url, body), bodies))
+    assert [r.status_code for r in results] == [200] * 4
+    images = [r.json()["data"][0]["b64_json"] for r in results]
+    assert len(set(images)) == 4
+    again = post(url, bodies[2]).json()["data"][0]["b64_json"]
+    assert again == images[2], "the same seed gives the same image on either pipeline"
+
+
+def run_cli(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "diffusion_worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_model_load_failure_exits_nonzero_with_a_clear_message(tmp_path: Path) -> None:
+    result = run_cli("serve", "--model", str(tmp_path / "missing"), "--port", "1")
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "model_index.json not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_builtin_model_names_the_known_ones(tmp_path: Path) -> None:
+    result = run_cli("serve", "--model", "builtin:nope", "--cache-dir", str(tmp_path))
+    assert result.returncode == 1 and "builtin:tiny-sd" in result.stderr
+
+
+def test_build_tiny_model_cli_writes_a_loadable_pipeline(tmp_path: Path) -> None:
+    result = run_cli("build-tiny-model", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tmp_path / "tiny" / part).exists()
+
+
+def test_serve_builtin_model_from_flags_and_env_in_a_real_process(tmp_path: Path) -> None:
+    """What `make run` does: a separate process, flags plus DIFFUSION_WORKER_* env, builtin model."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffusion_worker", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env={
+            **os.environ,
+            "DIFFUSION_WORKER_MODEL": "builtin:tiny-sd",
+            "DIFFUSION_WORKER_CACHE_DIR": str(tmp_path / "cache"),
+            "DIFFUSION_WORKER_DEFAULT_INFERENCE_STEPS": "2",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "worker not ready in time"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        response = client.images.generate(prompt="a red circle")
+        image_url = (response.data or [])[0].url
+        assert image_url is not None and httpx.get(image_url).content.startswith(b"\x89PNG")
+        assert (tmp_path / "cache" / "builtin" / "tiny-sd" / "model_index.json").is_file()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert process.returncode == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -1,0 +1,73 @@
+"""Request parsing and size validation."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from diffusion_worker.errors import APIError
+from diffusion_worker.protocol import ImageGenerationRequest, format_size, image_object, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("64x64", (64, 64)), ("1024x768", (1024, 768)), (" 8x16 ", (8, 16))]
+)
+def test_parse_size_accepts_multiples_of_8(text: str, expected: tuple[int, int]) -> None:
+    assert parse_size(text, max_pixels=2048 * 2048) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("1000x7", "multiples of 8"),
+        ("0x64", "multiples of 8"),
+        ("64", "WIDTHxHEIGHT"),
+        ("64X64", "WIDTHxHEIGHT"),
+        ("-8x8", "WIDTHxHEIGHT"),
+        ("8x8x8", "WIDTHxHEIGHT"),
+        ("", "WIDTHxHEIGHT"),
+    ],
+)
+def test_parse_size_rejects_bad_values_naming_size_and_value(text: str, needle: str) -> None:
+    with pytest.raises(APIError) as caught:
+        parse_size(text, max_pixels=2048 * 2048)
+    assert caught.value.status_code == 400
+    assert caught.value.param == "size"
+    assert needle in caught.value.message and repr(text) in caught.value.message
+
+
+def test_parse_size_enforces_max_pixels() -> None:
+    with pytest.raises(APIError) as caught:
+        parse_size("1024x1024", max_pixels=1024 * 1023)
+    assert caught.value.code == "size_too_large" and "1048576" in caught.value.message
+
+
+def test_format_size_round_trips() -> None:
+    assert format_size(parse_size("640x480", max_pixels=10**7)) == "640x480"
+
+
+def test_request_defaults_and_unknown_top_level_fields_are_kept_aside() -> None:
+    request = ImageGenerationRequest.model_validate({"prompt": "p", "future_field": 1})
+    assert request.n == 1 and request.response_format is None and request.nvext is None
+    assert request.model_extra == {"future_field": 1}
+
+
+def test_unknown_nvext_field_is_rejected() -> None:
+    with pytest.raises(ValidationError) as caught:
+        ImageGenerationRequest.model_validate({"prompt": "p", "nvext": {"num_steps": 3}})
+    assert caught.value.errors()[0]["loc"] == ("nvext", "num_steps")
+
+
+@pytest.mark.parametrize("prompt", ["", "  ", "\n\t"])
+def test_blank_prompt_is_rejected(prompt: str) -> None:
+    with pytest.raises(ValidationError):
+        ImageGenerationRequest.model_validate({"prompt": prompt})
+
+
+def test_seed_zero_is_kept() -> None:
+    request = ImageGenerationRequest.model_validate({"prompt": "p", "nvext": {"seed": 0}})
+    assert request.nvext is not None and request.nvext.seed == 0
+
+
+def test_image_object_has_revised_prompt_null() -> None:
+    assert image_object("url", "http://x/0.png") == {"url": "http://x/0.png", "revised_prompt": None}

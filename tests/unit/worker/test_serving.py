@@ -1,0 +1,98 @@
+"""Limits, defaults and seeds applied to a request before any pipeline runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diffusion_worker.engine import ModelInfo
+from diffusion_worker.errors import APIError
+from diffusion_worker.metrics import WorkerMetrics
+from diffusion_worker.protocol import ImageGenerationRequest
+from diffusion_worker.scheduler import Scheduler
+from diffusion_worker.serving import ImageGenerationService, RequestDefaults
+from diffusion_worker.settings import WorkerSettings
+from diffusion_worker.storage import ImageStore
+
+INFO = ModelInfo(
+    pipeline_class="StableDiffusionPipeline",
+    default_size=(512, 512),
+    default_steps=50,
+    default_guidance_scale=7.5,
+    supports_negative_prompt=True,
+    supports_guidance_scale=True,
+)
+
+
+def service(tmp_path: Path, info: ModelInfo = INFO, **overrides: Any) -> ImageGenerationService:
+    settings = WorkerSettings(model="m", storage_url=f"file://{tmp_path}", **overrides)
+    metrics = WorkerMetrics()
+    scheduler = Scheduler(
+        [], max_queue=settings.max_queue, max_batch_size=settings.max_batch_size, metrics=metrics
+    )
+    store = ImageStore(settings.storage_url, public_base_url=None, url_expiry_seconds=60)
+    return ImageGenerationService(settings, info, scheduler, store, metrics)
+
+
+def request(**fields: Any) -> ImageGenerationRequest:
+    return ImageGenerationRequest.model_validate({"prompt": "a cat", **fields})
+
+
+def test_model_defaults_apply_when_request_and_settings_are_silent(tmp_path: Path) -> None:
+    batch = service(tmp_path).build_batch(request(nvext={"seed": 10}))
+    assert (batch.width, batch.height, batch.num_inference_steps, batch.guidance_scale) == (512, 512, 50, 7.5)
+    assert batch.seeds == [10] and batch.negative_prompts is None
+
+
+def test_settings_defaults_override_the_model(tmp_path: Path) -> None:
+    svc = service(tmp_path, default_size="256x128", default_inference_steps=9, default_guidance_scale=0.0)
+    batch = svc.build_batch(request(size="auto"))
+    assert (batch.width, batch.height, batch.num_inference_steps, batch.guidance_scale) == (256, 128, 9, 0.0)
+
+
+def test_default_steps_above_the_cap_are_lowered_to_it(tmp_path: Path) -> None:
+    assert RequestDefaults.resolve(WorkerSettings(model="m", max_inference_steps=20), INFO).steps == 20
+
+
+def test_n_images_get_consecutive_seeds_and_their_own_prompts(tmp_path: Path) -> None:
+    batch = service(tmp_path).build_batch(request(n=3, nvext={"seed": 0, "negative_prompt": "blur"}))
+    assert batch.seeds == [0, 1, 2]
+    assert batch.prompts == ["a cat"] * 3 and batch.negative_prompts == ["blur"] * 3
+
+
+def test_random_seeds_differ_between_requests(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    assert svc.build_batch(request()).seeds != svc.build_batch(request()).seeds
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "param"),
+    [
+        ({"n": 11}, 400, "n"),
+        ({"nvext": {"num_inference_steps": 51}}, 400, "nvext.num_inference_steps"),
+        ({"model": "other"}, 404, "model"),
+        ({"size": "8192x8192"}, 400, "size"),
+        ({"prompt": "x" * 4001}, 400, "prompt"),
+        ({"nvext": {"negative_prompt": "y" * 4001}}, 400, "nvext.negative_prompt"),
+    ],
+)
+def test_limits_reject_with_param(tmp_path: Path, fields: dict[str, Any], status: int, param: str) -> None:
+    with pytest.raises(APIError) as caught:
+        service(tmp_path).build_batch(request(**fields))
+    assert (caught.value.status_code, caught.value.param) == (status, param)
+
+
+def test_negative_prompt_on_a_pipeline_without_it_is_a_400(tmp_path: Path) -> None:
+    info = ModelInfo(
+        "FluxPipeline", (1024, 1024), 28, 3.5, supports_negative_prompt=False, supports_guidance_scale=True
+    )
+    with pytest.raises(APIError) as caught:
+        service(tmp_path, info).build_batch(request(nvext={"negative_prompt": "x"}))
+    assert caught.value.param == "nvext.negative_prompt" and "FluxPipeline" in caught.value.message
+
+
+def test_served_name_is_accepted_as_model(tmp_path: Path) -> None:
+    svc = service(tmp_path, served_model_name="sdxl")
+    assert len(svc.build_batch(request(model="sdxl"))) == 1

@@ -1,0 +1,74 @@
+"""The one settings class: flags and DIFFUSION_WORKER_* env vars derive from it."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from pydantic import ValidationError
+
+from diffusion_worker.cli import build_parser
+from diffusion_worker.settings import WorkerSettings, settings_from_args
+
+
+def test_every_field_has_a_description_and_a_flag() -> None:
+    parser = build_parser()
+    serve_help = parser._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name, field in WorkerSettings.model_fields.items():
+        assert field.description, name
+        assert "--" + name.replace("_", "-") in serve_help
+
+
+def test_flags_parse_into_typed_settings() -> None:
+    settings = settings_from_args(
+        [
+            "--model",
+            "org/model",
+            "--max-inference-steps",
+            "30",
+            "--default-guidance-scale",
+            "4.5",
+            "--dtype",
+            "bfloat16",
+            "--storage-url",
+            "s3://bucket/prefix/",
+        ]
+    )
+    assert settings.model == "org/model"
+    assert settings.max_inference_steps == 30
+    assert settings.default_guidance_scale == 4.5
+    assert settings.dtype == "bfloat16"
+    assert settings.storage_url == "s3://bucket/prefix"
+
+
+def test_env_vars_apply_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIFFUSION_WORKER_MAX_QUEUE", "7")
+    monkeypatch.setenv("DIFFUSION_WORKER_MODEL", "from-env")
+    settings = settings_from_args(["--model", "from-flag"])
+    assert settings.max_queue == 7
+    assert settings.model == "from-flag"
+
+
+def test_api_key_from_env_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIFFUSION_WORKER_API_KEY", "hunter2")
+    settings = settings_from_args([])
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "args", [["--max-inference-steps", "0"], ["--storage-url", "/no/scheme"], ["--port", "70000"]]
+)
+def test_invalid_values_are_rejected(args: list[str]) -> None:
+    with pytest.raises(ValidationError):
+        settings_from_args(args)
+
+
+def test_bad_choice_is_rejected_by_the_parser() -> None:
+    with pytest.raises(argparse.ArgumentError, match="int4"):
+        settings_from_args(["--dtype", "int4"])
+
+
+def test_served_model_name_defaults_to_model() -> None:
+    assert WorkerSettings(model="m").effective_served_model_name == "m"
+    assert WorkerSettings(model="m", served_model_name="n").effective_served_model_name == "n"

@@ -1,0 +1,293 @@
+"""Assembles the FastAPI app: routes, auth, error handlers, request limits, metrics, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from diffusion_worker import __version__
+from diffusion_worker.engine import Engine, load_engines
+from diffusion_worker.errors import APIError
+from diffusion_worker.logs import request_id_var
+from diffusion_worker.metrics import WorkerMetrics
+from diffusion_worker.protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse
+from diffusion_worker.scheduler import Scheduler
+from diffusion_worker.serving import ImageGenerationService
+from diffusion_worker.settings import WorkerSettings
+from diffusion_worker.storage import ImageStore
+
+log = logging.getLogger(__name__)
+
+EngineLoader = Callable[[WorkerSettings], list[Engine]]
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 502, 503)
+}
+
+
+def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engines) -> FastAPI:
+    """The worker's ASGI app; the model is loaded in its lifespan and released when it ends."""
+    metrics = WorkerMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engines = await asyncio.to_thread(engine_loader, settings)
+        scheduler = Scheduler(
+            engines, max_queue=settings.max_queue, max_batch_size=settings.max_batch_size, metrics=metrics
+        )
+        store = ImageStore(
+            settings.storage_url,
+            public_base_url=settings.public_base_url,
+            url_expiry_seconds=settings.url_expiry_seconds,
+        )
+        app.state.service = ImageGenerationService(settings, engines[0].info, scheduler, store, metrics)
+        app.state.scheduler = scheduler
+        app.state.store = store
+        scheduler.start()
+        log.info(
+            "serving %r as %r on %s",
+            settings.model,
+            settings.effective_served_model_name,
+            ", ".join(engine.device for engine in engines),
+        )
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.close)
+            for engine in engines:
+                engine.close()
+
+    app = FastAPI(
+        title="diffusion_worker",
+        version=__version__,
+        description="OpenAI-compatible images API over a Hugging Face diffusers pipeline.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.started = int(time.time())
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    require_key = api_key_dependency(settings)
+
+    @app.post(
+        "/v1/images/generations",
+        response_model=ImagesResponse,
+        responses=ERROR_RESPONSES,
+        dependencies=[Depends(require_key)],
+        summary="Create images from a prompt",
+    )
+    async def create_images(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+        service: ImageGenerationService = request.app.state.service
+        result = await service.generate(body, request_id_var.get(), str(request.base_url))
+        return JSONResponse(result)
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+    async def list_models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": settings.effective_served_model_name,
+                    "object": "model",
+                    "created": app.state.started,
+                    "owned_by": "image-diffusion-operator",
+                }
+            ],
+        }
+
+    @app.get("/v1/images/files/{key:path}", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
+    async def get_image_file(key: str, request: Request) -> FileResponse:
+        store: ImageStore = request.app.state.store
+        path = store.local_file(key) if store.serves_files else None
+        if path is None:
+            raise APIError(404, f"No image at {key!r}", param="key", code="not_found")
+        return FileResponse(path, media_type=_media_type(path.suffix))
+
+    @app.get("/health", summary="The process is up")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="The model is loaded and the queue has room", responses={503: {}})
+    async def ready(request: Request) -> JSONResponse:
+        scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
+        if scheduler is None:
+            return _error_json(APIError(503, "The model is loading", type="service_unavailable"))
+        if scheduler.saturated:
+            return _error_json(
+                APIError(503, "The queue is full", type="service_unavailable", code="queue_full")
+            )
+        return JSONResponse({"status": "ready", "queued_images": scheduler.images_admitted})
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _media_type(suffix: str) -> str:
+    return {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}.get(
+        suffix, "application/octet-stream"
+    )
+
+
+def api_key_dependency(settings: WorkerSettings) -> Callable[[Request], None]:
+    """A dependency that requires `Authorization: Bearer <key>` when --api-key is set."""
+    expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
+
+    def require_api_key(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected):
+            raise APIError(
+                401,
+                "Missing or invalid API key; send `Authorization: Bearer <key>`",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+
+    return require_api_key
+
+
+def _error_json(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure, FastAPI's own included, becomes an OpenAI error object."""
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        if exc.status_code >= 500:
+            log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc.message)
+        return _error_json(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _error_json(validation_error_to_api_error(exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        kinds = {404: ("not_found", "Unknown route"), 405: ("method_not_allowed", "Method not allowed")}
+        code, message = kinds.get(exc.status_code, ("http_error", str(exc.detail)))
+        if exc.status_code in kinds:
+            message = f"{message}: {request.method} {request.url.path}"
+        return _error_json(APIError(exc.status_code, message, code=code))
+
+    async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error_json(APIError(500, "Internal server error", type="server_error", code="internal_error"))
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
+
+
+def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
+    """First pydantic error -> 400 naming the parameter (`nvext.seed`) and the value received."""
+    error = exc.errors()[0]
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if error.get("type") in ("json_invalid", "model_attributes_type") or (param is None and "input" in error):
+        return APIError(400, "The request body must be a JSON object", code="invalid_json")
+    if error.get("type") == "missing":
+        return APIError(400, f"`{param}` is required", param=param, code="missing_required_parameter")
+    if error.get("type") == "extra_forbidden":
+        return APIError(400, f"`{param}` is not a known parameter", param=param, code="unknown_parameter")
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    received = json.dumps(error.get("input"), default=str)[:200]
+    return APIError(400, f"`{param}`: {message}, got {received}", param=param, code="invalid_value")
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (logs, X-Request-ID) and counts it by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            request_id_var.reset(token)
+
+
+class BodySizeLimitMiddleware:
+    """Reads request bodies up to `max_bytes`; larger ones get 413 before any handler runs."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(
+            413, f"The request body exceeds {self.max_bytes} bytes", code="request_too_large"
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _error_json(too_large)(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _error_json(too_large)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

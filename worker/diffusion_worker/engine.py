@@ -1,0 +1,207 @@
+"""Loads a diffusers pipeline onto a device and runs batches on it. Knows nothing of HTTP."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from diffusion_worker.model_source import ModelSourceError, resolve_model
+from diffusion_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+FALLBACK_STEPS = 50
+FALLBACK_GUIDANCE = 7.5
+FALLBACK_SIZE = 512
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message is meant for the operator's logs."""
+
+
+@dataclass(frozen=True)
+class GenerationBatch:
+    """Images made by one pipeline call. Image i is seeded with seeds[i] on its own generator,
+    so an image comes out the same whether it is made alone or in a batch."""
+
+    prompts: list[str]
+    negative_prompts: list[str] | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What serving needs to know about the loaded pipeline to apply defaults and reject misuse."""
+
+    pipeline_class: str
+    default_size: tuple[int, int]
+    default_steps: int
+    default_guidance_scale: float
+    supports_negative_prompt: bool
+    supports_guidance_scale: bool
+
+
+class Engine(Protocol):
+    """A pipeline on one device; `generate` is called from one thread at a time."""
+
+    info: ModelInfo
+    device: str
+
+    def generate(self, batch: GenerationBatch) -> list[Any]:
+        """Run one pipeline call; returns PIL images in batch order."""
+        ...
+
+    def close(self) -> None:
+        """Release the pipeline and its device memory."""
+        ...
+
+
+def select_devices(settings: WorkerSettings) -> list[str]:
+    """One device per data-parallel rank: cuda:0..N-1 when CUDA is present, else N times cpu."""
+    import torch
+
+    base = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not base.startswith("cuda"):
+        return [base] * settings.data_parallel_size
+    available = torch.cuda.device_count()
+    if settings.data_parallel_size > available:
+        raise ModelLoadError(
+            f"--data-parallel-size {settings.data_parallel_size} needs as many GPUs; {available} visible"
+        )
+    if settings.data_parallel_size == 1:
+        return [base]
+    return [f"cuda:{index}" for index in range(settings.data_parallel_size)]
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """`--dtype` -> torch dtype; `auto` is bf16 (or fp16 on GPUs without bf16) on CUDA, fp32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+class DiffusersEngine:
+    """A diffusers text-to-image pipeline on one device."""
+
+    def __init__(self, pipeline: Any, device: str) -> None:
+        self.pipeline = pipeline
+        self.device = device
+        self.info = describe_pipeline(pipeline)
+
+    @classmethod
+    def load(cls, settings: WorkerSettings, device: str) -> DiffusersEngine:
+        """Load --model through `from_pretrained` onto `device`."""
+        import diffusers
+
+        try:
+            location = resolve_model(settings.model, settings.cache_dir)
+        except ModelSourceError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        pipeline_class: Any = diffusers.DiffusionPipeline
+        if settings.pipeline:
+            pipeline_class = getattr(diffusers, settings.pipeline, None)
+            if not (
+                inspect.isclass(pipeline_class) and issubclass(pipeline_class, diffusers.DiffusionPipeline)
+            ):
+                raise ModelLoadError(f"--pipeline {settings.pipeline!r} is not a diffusers pipeline class")
+        kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(settings.dtype, device)}
+        if location.from_hub:
+            kwargs["cache_dir"] = str(settings.cache_dir / "hub")
+            if settings.revision:
+                kwargs["revision"] = settings.revision
+        try:
+            pipeline = pipeline_class.from_pretrained(location.name_or_path, **kwargs)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not load model {settings.model!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
+        return cls(pipeline, device)
+
+    def generate(self, batch: GenerationBatch) -> list[Any]:
+        """Run one pipeline call with one CPU generator per image (same noise on any device)."""
+        import torch
+
+        kwargs: dict[str, Any] = {
+            "prompt": batch.prompts,
+            "num_inference_steps": batch.num_inference_steps,
+            "height": batch.height,
+            "width": batch.width,
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in batch.seeds],
+            "output_type": "pil",
+        }
+        if self.info.supports_guidance_scale:
+            kwargs["guidance_scale"] = batch.guidance_scale
+        if batch.negative_prompts is not None:
+            kwargs["negative_prompt"] = batch.negative_prompts
+        with torch.inference_mode():
+            output = self.pipeline(**kwargs)
+        return list(output.images)
+
+    def close(self) -> None:
+        """Drop the pipeline; frees GPU memory."""
+        import torch
+
+        self.pipeline = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def describe_pipeline(pipeline: Any) -> ModelInfo:
+    """Defaults and capabilities read from the pipeline's call signature and configs."""
+    parameters = inspect.signature(pipeline.__call__).parameters
+
+    def default_of(name: str, fallback: Any) -> Any:
+        parameter = parameters.get(name)
+        if parameter is None or parameter.default in (inspect.Parameter.empty, None):
+            return fallback
+        return parameter.default
+
+    return ModelInfo(
+        pipeline_class=type(pipeline).__name__,
+        default_size=native_size(pipeline),
+        default_steps=int(default_of("num_inference_steps", FALLBACK_STEPS)),
+        default_guidance_scale=float(default_of("guidance_scale", FALLBACK_GUIDANCE)),
+        supports_negative_prompt="negative_prompt" in parameters,
+        supports_guidance_scale="guidance_scale" in parameters,
+    )
+
+
+def native_size(pipeline: Any) -> tuple[int, int]:
+    """The resolution the model was trained at: sample size of the denoiser times the VAE factor."""
+    scale = int(getattr(pipeline, "vae_scale_factor", 8) or 8)
+    sample = getattr(pipeline, "default_sample_size", None)
+    if sample is None:
+        denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if isinstance(sample, (list, tuple)):
+        sample = sample[0]
+    if not isinstance(sample, int):
+        return (FALLBACK_SIZE, FALLBACK_SIZE)
+    side = sample * scale
+    return (side, side)
+
+
+def load_engines(settings: WorkerSettings) -> list[Engine]:
+    """One engine per data-parallel rank."""
+    if settings.context_parallel_size != 1:
+        raise ModelLoadError(
+            f"--context-parallel-size {settings.context_parallel_size}: context parallelism is not "
+            "implemented in this version; use --data-parallel-size to use several GPUs"
+        )
+    return [DiffusersEngine.load(settings, device) for device in select_devices(settings)]

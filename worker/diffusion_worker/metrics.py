@@ -1,0 +1,53 @@
+"""Prometheus metrics of one worker, in a registry of its own (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class WorkerMetrics:
+    """The worker's counters, gauges and histograms; `/metrics` exposes `registry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "diffusion_worker_requests",
+            "HTTP requests by route and status code.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "diffusion_worker_requests_in_flight", "HTTP requests being handled.", registry=self.registry
+        )
+        self.images_generated = Counter(
+            "diffusion_worker_images_generated", "Images generated.", registry=self.registry
+        )
+        self.generation_seconds = Histogram(
+            "diffusion_worker_generation_seconds",
+            "Time of one pipeline call.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "diffusion_worker_queue_wait_seconds",
+            "Time a batch waited for a free pipeline.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "diffusion_worker_batch_size",
+            "Images per pipeline call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "diffusion_worker_queue_images", "Images queued or running.", registry=self.registry
+        )
+        self.rejected = Counter(
+            "diffusion_worker_rejected_requests",
+            "Requests refused before generation, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )

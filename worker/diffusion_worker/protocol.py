@@ -1,0 +1,130 @@
+"""Request and response shapes of `POST /v1/images/generations` (OpenAI images API + `nvext`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from diffusion_worker.errors import invalid_param
+
+MAX_SEED = 2**62
+SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+ResponseFormat = Literal["url", "b64_json"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+Style = Literal["vivid", "natural"]
+
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class NvExt(BaseModel):
+    """NVIDIA-style extension fields; unknown ones are rejected so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    negative_prompt: str | None = Field(None, description="What the image should not show.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, description="Denoising steps; capped by the server's --max-inference-steps."
+    )
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="Classifier-free guidance scale.")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i. Absent: random."
+    )
+    annotations: list[str] | None = Field(None, description="Free-form tags; accepted and logged.")
+
+
+class ImageGenerationRequest(BaseModel):
+    """Body of `POST /v1/images/generations`. Unknown top-level fields are ignored with a warning."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = Field(..., description="What to draw.")
+    model: str | None = Field(None, description="Must equal the served model name when given.")
+    n: int | None = Field(1, ge=1, description="Number of images.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT (multiples of 8) or `auto`.")
+    quality: Quality | None = Field(None, description="Accepted and echoed.")
+    response_format: ResponseFormat | None = Field(None, description="`url` (default) or `b64_json`.")
+    output_format: OutputFormat | None = Field(None, description="png (default), jpeg or webp.")
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="jpeg/webp quality 0-100 (default 100); ignored for png."
+    )
+    style: Style | None = Field(None, description="Accepted; has no effect on diffusion models.")
+    user: str | None = Field(None, description="End-user id; names the storage folder (sanitised).")
+    nvext: NvExt | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class ImageObject(BaseModel):
+    """One generated image: exactly one of `url` and `b64_json` is set."""
+
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+class NvExtResponse(BaseModel):
+    """Extension fields of the response."""
+
+    seeds: list[int] = Field(..., description="The seed of each image, in order; reuse one to reproduce it.")
+
+
+class ImagesResponse(BaseModel):
+    """Body of a successful generation."""
+
+    created: int
+    data: list[ImageObject]
+    size: str
+    quality: str
+    output_format: OutputFormat
+    nvext: NvExtResponse
+
+
+class ErrorDetail(BaseModel):
+    """OpenAI error detail."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI error object, the body of every 4xx/5xx."""
+
+    error: ErrorDetail
+
+
+def parse_size(value: str, *, max_pixels: int) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` -> (width, height), both positive multiples of 8 within `max_pixels`."""
+    match = SIZE_PATTERN.match(value.strip())
+    if not match:
+        raise invalid_param("size", f"`size` must be WIDTHxHEIGHT (e.g. 1024x1024) or 'auto', got {value!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise invalid_param("size", f"`size` must be WIDTHxHEIGHT with both multiples of 8, got {value!r}")
+    if width * height > max_pixels:
+        raise invalid_param(
+            "size",
+            f"`size` {value!r} has {width * height} pixels; this server allows at most {max_pixels}",
+            code="size_too_large",
+        )
+    return width, height
+
+
+def format_size(size: tuple[int, int]) -> str:
+    """(width, height) -> `WIDTHxHEIGHT`."""
+    return f"{size[0]}x{size[1]}"
+
+
+def image_object(response_format: ResponseFormat, value: str) -> dict[str, Any]:
+    """One entry of `data`: the url or the base64 PNG, plus `revised_prompt: null`."""
+    return {response_format: value, "revised_prompt": None}

@@ -1,0 +1,49 @@
+"""Runs the app under uvicorn; a model that cannot be loaded ends the process with status 1."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import uvicorn
+
+from diffusion_worker.app import build_app
+from diffusion_worker.engine import ModelLoadError, load_engines
+from diffusion_worker.logs import configure_logging
+from diffusion_worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: WorkerSettings) -> int:
+    """Load the model, then serve until SIGINT/SIGTERM; returns the exit status.
+
+    The model is loaded before the port opens so that a bad --model ends the process with one
+    clear line and status 1; the app's lifespan then owns (and releases) the loaded pipelines.
+    """
+    configure_logging(settings.log_level)
+    try:
+        engines = load_engines(settings)
+    except ModelLoadError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    app = build_app(settings, engine_loader=lambda _settings: engines)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=settings.log_level == "debug",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which would end the process with
+    # 128+signal; a handler of our own receives that re-raise, so a clean drain exits 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _log_signal)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _log_signal(signum: int, _frame: object) -> None:
+    log.info("stopped after %s", signal.Signals(signum).name)
