@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +33,7 @@ from diffusion_worker.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 EngineLoader = Callable[[WorkerSettings], list[Engine]]
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 502, 503)
@@ -46,7 +48,11 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engines = await asyncio.to_thread(engine_loader, settings)
         scheduler = Scheduler(
-            engines, max_queue=settings.max_queue, max_batch_size=settings.max_batch_size, metrics=metrics
+            engines,
+            max_queue=settings.max_queue,
+            max_batch_size=settings.max_batch_size,
+            metrics=metrics,
+            batch_wait_seconds=settings.batch_wait_ms / 1000,
         )
         store = ImageStore(
             settings.storage_url,
@@ -79,6 +85,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.started = int(time.time())
+    app.state.draining = False
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
@@ -91,9 +98,13 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         dependencies=[Depends(require_key)],
         summary="Create images from a prompt",
     )
-    async def create_images(body: ImageGenerationRequest, request: Request) -> JSONResponse:
+    async def create_images(body: ImageGenerationRequest, request: Request) -> Response:
         service: ImageGenerationService = request.app.state.service
-        result = await service.generate(body, request_id_var.get(), str(request.base_url))
+        work = service.generate(body, request_id_var.get(), str(request.base_url))
+        result = await cancel_on_disconnect(request, work)
+        if result is None:
+            metrics.cancelled.labels(reason="client_disconnected").inc()
+            return Response(status_code=499)  # nobody is listening; the status only reaches the logs
         return JSONResponse(result)
 
     @app.get("/v1/models", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
@@ -125,6 +136,8 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     @app.get("/ready", summary="The model is loaded and the queue has room", responses={503: {}})
     async def ready(request: Request) -> JSONResponse:
         scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
+        if request.app.state.draining:
+            return _error_json(APIError(503, "The worker is shutting down", type="service_unavailable"))
         if scheduler is None:
             return _error_json(APIError(503, "The model is loading", type="service_unavailable"))
         if scheduler.saturated:
@@ -138,6 +151,28 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run `work` unless the client goes away first; then cancel it (dropping its queued images)."""
+    task = asyncio.ensure_future(work)
+    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnected.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.info("client disconnected; its work was dropped")
+    return None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _media_type(suffix: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +20,13 @@ FALLBACK_SIZE = 512
 
 class ModelLoadError(Exception):
     """The model could not be loaded; the message is meant for the operator's logs."""
+
+
+class GenerationCancelledError(Exception):
+    """A pipeline call was stopped between denoising steps because nobody waits for its images."""
+
+
+KeepGoing = Callable[[], bool]
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,17 @@ class GenerationBatch:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @property
+    def compatibility_key(self) -> tuple[Any, ...]:
+        """Batches with equal keys can share one pipeline call."""
+        return (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.negative_prompts is not None,
+        )
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -48,6 +67,7 @@ class ModelInfo:
     default_guidance_scale: float
     supports_negative_prompt: bool
     supports_guidance_scale: bool
+    supports_step_callback: bool = False
 
 
 class Engine(Protocol):
@@ -56,8 +76,12 @@ class Engine(Protocol):
     info: ModelInfo
     device: str
 
-    def generate(self, batch: GenerationBatch) -> list[Any]:
-        """Run one pipeline call; returns PIL images in batch order."""
+    def generate(self, batch: GenerationBatch, keep_going: KeepGoing | None = None) -> list[Any]:
+        """Run one pipeline call; returns PIL images in batch order.
+
+        `keep_going` is asked after each denoising step; False stops the call with
+        GenerationCancelledError (where the pipeline has step callbacks).
+        """
         ...
 
     def close(self) -> None:
@@ -133,7 +157,7 @@ class DiffusersEngine:
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
         return cls(pipeline, device)
 
-    def generate(self, batch: GenerationBatch) -> list[Any]:
+    def generate(self, batch: GenerationBatch, keep_going: KeepGoing | None = None) -> list[Any]:
         """Run one pipeline call with one CPU generator per image (same noise on any device)."""
         import torch
 
@@ -149,6 +173,16 @@ class DiffusersEngine:
             kwargs["guidance_scale"] = batch.guidance_scale
         if batch.negative_prompts is not None:
             kwargs["negative_prompt"] = batch.negative_prompts
+        if keep_going is not None and self.info.supports_step_callback:
+
+            def stop_when_abandoned(
+                pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
+            ) -> dict[str, Any]:
+                if not keep_going():
+                    raise GenerationCancelledError(f"stopped after step {step + 1}")
+                return tensors
+
+            kwargs["callback_on_step_end"] = stop_when_abandoned
         with torch.inference_mode():
             output = self.pipeline(**kwargs)
         return list(output.images)
@@ -179,6 +213,7 @@ def describe_pipeline(pipeline: Any) -> ModelInfo:
         default_guidance_scale=float(default_of("guidance_scale", FALLBACK_GUIDANCE)),
         supports_negative_prompt="negative_prompt" in parameters,
         supports_guidance_scale="guidance_scale" in parameters,
+        supports_step_callback="callback_on_step_end" in parameters,
     )
 
 

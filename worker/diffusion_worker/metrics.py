@@ -51,3 +51,9 @@ class WorkerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.cancelled = Counter(
+            "diffusion_worker_cancelled_requests",
+            "Accepted requests whose work was dropped, by reason (client_disconnected, timeout).",
+            ["reason"],
+            registry=self.registry,
+        )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import signal
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from diffusion_worker.app import build_app
 from diffusion_worker.engine import ModelLoadError, load_engines
@@ -35,14 +37,33 @@ def serve(settings: WorkerSettings) -> int:
         log_config=None,
         access_log=settings.log_level == "debug",
         lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout),
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app)
     # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which would end the process with
     # 128+signal; a handler of our own receives that re-raise, so a clean drain exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _log_signal)
     server.run()
     return 0 if server.started else 1
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app it is draining as soon as a stop signal arrives.
+
+    uvicorn then stops accepting connections and waits (up to --drain-timeout) for the requests in
+    flight; /ready answers 503 meanwhile on connections still open.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.app.state.draining:
+            log.info("%s received: draining (finishing accepted requests)", signal.Signals(sig).name)
+        self.app.state.draining = True
+        super().handle_exit(sig, frame)
 
 
 def _log_signal(signum: int, _frame: object) -> None:

@@ -160,7 +160,18 @@ class ImageGenerationService:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         batch = self.build_batch(request)
         try:
-            images = await self.scheduler.generate(batch, request_id)
+            images = await asyncio.wait_for(
+                self.scheduler.generate(batch, request_id), timeout=self.settings.request_timeout
+            )
+        except TimeoutError as exc:
+            self.metrics.cancelled.labels(reason="timeout").inc()
+            raise APIError(
+                504,
+                f"The images were not ready within {self.settings.request_timeout:g}s (--request-timeout); "
+                "the work was dropped",
+                type="timeout",
+                code="request_timeout",
+            ) from exc
         except QueueFullError as exc:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise APIError(

@@ -106,6 +106,24 @@ class WorkerSettings(BaseSettings):
     max_queue: int = Field(
         64, ge=1, description="Most images waiting or running; requests beyond it get 429 with Retry-After."
     )
+    batch_wait_ms: float = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="How long an idle pipeline waits for more compatible requests to fill a batch. 0: "
+        "never wait (batches still form from whatever queued up while the pipeline was busy).",
+    )
+    request_timeout: float = Field(
+        600,
+        gt=0,
+        description="Seconds a request may wait and run before it gets 504 and its work is dropped.",
+    )
+    drain_timeout: float = Field(
+        120,
+        ge=0,
+        description="On SIGTERM: seconds to finish accepted requests before exiting (keep the pod's "
+        "terminationGracePeriodSeconds above it).",
+    )
     # --- defaults for requests that leave a value out ---
     default_inference_steps: int | None = Field(
         None, ge=1, description="Steps when a request gives none. Default: the pipeline's own default."

@@ -6,7 +6,6 @@ import base64
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,47 +18,13 @@ import openai
 import pytest
 import s3fs
 
-from diffusion_worker.engine import Engine, GenerationBatch, load_engines
-from diffusion_worker.settings import WorkerSettings
+from support.engines import ObservedEngine, observed_loader
 from support.seaweedfs import S3Endpoint
 
 WorkerFactory = Callable[..., str]
 
 
 pytestmark = pytest.mark.integration
-
-
-class GatedEngine:
-    """The real tiny-model engine, held at a gate before each pipeline call.
-
-    Not a mock: images still come from the real pipeline. The gate only makes "a generation is in
-    progress" a state the test controls instead of a race it hopes to win.
-    """
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.info = inner.info
-        self.device = inner.device
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def generate(self, batch: GenerationBatch) -> list[Any]:
-        self.entered.set()
-        assert self.gate.wait(timeout=60), "test never opened the gate"
-        return self.inner.generate(batch)
-
-    def close(self) -> None:
-        self.gate.set()
-        self.inner.close()
-
-
-def gated_loader(holder: list[GatedEngine]) -> Any:
-    def load(settings: WorkerSettings) -> list[Engine]:
-        engines = [GatedEngine(engine) for engine in load_engines(settings)]
-        holder.extend(engines)
-        return list(engines)
-
-    return load
 
 
 def post(url: str, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
@@ -119,8 +84,8 @@ def test_storage_failure_is_502_and_the_worker_keeps_serving(
 
 
 def test_health_and_metrics_answer_while_an_image_is_being_made(start_worker: WorkerFactory) -> None:
-    engines: list[GatedEngine] = []
-    url = start_worker(engine_loader=gated_loader(engines))
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=True))
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, url, {"prompt": "p", "response_format": "b64_json"})
         assert engines[0].entered.wait(30)
@@ -132,8 +97,10 @@ def test_health_and_metrics_answer_while_an_image_is_being_made(start_worker: Wo
 
 
 def test_full_queue_gives_429_with_retry_after_and_not_ready(start_worker: WorkerFactory) -> None:
-    engines: list[GatedEngine] = []
-    url = start_worker(engine_loader=gated_loader(engines), max_queue=2, max_images_per_request=2)
+    engines: list[ObservedEngine] = []
+    url = start_worker(
+        engine_loader=observed_loader(engines, gated=True), max_queue=2, max_images_per_request=2
+    )
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, url, {"prompt": "p", "n": 2, "response_format": "b64_json"})
         assert engines[0].entered.wait(30)

@@ -1,0 +1,257 @@
+"""Batching, ordering, fairness, cancellation, timeouts and drain, on the real tiny pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_worker.engine import GenerationBatch, load_engines
+from diffusion_worker.metrics import WorkerMetrics
+from diffusion_worker.scheduler import Scheduler
+from diffusion_worker.settings import WorkerSettings
+from support.engines import ObservedEngine, observed_loader
+
+pytestmark = pytest.mark.integration
+
+WorkerFactory = Callable[..., str]
+
+
+def batch_of(seeds: list[int], prompt: str = "a red circle", steps: int = 2) -> GenerationBatch:
+    return GenerationBatch(
+        prompts=[prompt] * len(seeds),
+        negative_prompts=None,
+        width=64,
+        height=64,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        seeds=seeds,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir: Path) -> Any:
+    (engine,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
+    return engine
+
+
+def pixels(image: Any) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+async def run_concurrently(scheduler: Scheduler, batches: list[GenerationBatch]) -> list[list[Any]]:
+    return list(await asyncio.gather(*(scheduler.generate(b, f"r{i}") for i, b in enumerate(batches))))
+
+
+def test_batched_images_equal_images_made_alone_and_return_in_order(tiny_engine: Any) -> None:
+    requests = [batch_of([11, 12]), batch_of([21], prompt="a blue square"), batch_of([31, 32, 33])]
+    alone = [
+        tiny_engine.generate(batch_of([seed], prompt=r.prompts[0])) for r in requests for seed in r.seeds
+    ]
+    observed = ObservedEngine(tiny_engine, gated=False)
+    scheduler = Scheduler([observed], max_queue=16, max_batch_size=8, metrics=WorkerMetrics())
+
+    async def scenario() -> list[list[Any]]:
+        work = asyncio.ensure_future(run_concurrently(scheduler, requests))
+        await asyncio.sleep(0.05)  # all three are queued before the engine thread starts
+        scheduler.start()
+        return await work
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert [len(r) for r in results] == [2, 1, 3]
+    assert [len(b) for b in observed.batches] == [6], "three compatible requests share one pipeline call"
+    flat = [image for result in results for image in result]
+    for batched, single in zip(flat, alone, strict=True):
+        assert np.abs(pixels(batched) - pixels(single)).max() <= 2
+
+
+def test_incompatible_requests_do_not_share_a_batch(tiny_engine: Any) -> None:
+    observed = ObservedEngine(tiny_engine, gated=False)
+    scheduler = Scheduler([observed], max_queue=16, max_batch_size=8, metrics=WorkerMetrics())
+
+    async def scenario() -> None:
+        work = asyncio.ensure_future(
+            run_concurrently(scheduler, [batch_of([1]), batch_of([2], steps=3), batch_of([3])])
+        )
+        await asyncio.sleep(0.05)
+        scheduler.start()
+        await work
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert [b.seeds for b in observed.batches] == [[1, 3], [2]]
+
+
+def test_a_large_n_holds_others_back_by_one_batch_at_most(tiny_engine: Any) -> None:
+    observed = ObservedEngine(tiny_engine, gated=False)
+    scheduler = Scheduler([observed], max_queue=32, max_batch_size=4, metrics=WorkerMetrics())
+    big, small = batch_of(list(range(100, 110))), batch_of([7])
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(scheduler.generate(big, "big"))
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(scheduler.generate(small, "small"))
+        await asyncio.sleep(0.05)
+        scheduler.start()
+        await asyncio.gather(first, second)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert observed.batches[0].seeds == [100, 101, 102, 103]
+    assert 7 in observed.batches[1].seeds, "the small request rides in the second batch"
+    assert sorted(s for b in observed.batches for s in b.seeds) == [7, *range(100, 110)]
+
+
+def test_cancelled_queued_request_never_runs(tiny_engine: Any) -> None:
+    observed = ObservedEngine(tiny_engine, gated=True)
+    scheduler = Scheduler([observed], max_queue=16, max_batch_size=1, metrics=WorkerMetrics())
+    scheduler.start()
+
+    async def scenario() -> None:
+        running = asyncio.ensure_future(scheduler.generate(batch_of([1]), "running"))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(scheduler.generate(batch_of([2]), "queued"))
+        await asyncio.sleep(0.02)
+        assert scheduler.images_admitted == 2
+        queued.cancel()
+        await asyncio.sleep(0.02)
+        assert scheduler.images_admitted == 1, "a cancelled request frees its place in the queue at once"
+        observed.gate.set()
+        await running
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert [b.seeds for b in observed.batches] == [[1]]
+
+
+def post(url: str, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, **{"timeout": 120, **kwargs})
+
+
+def test_client_disconnect_stops_the_running_batch_and_frees_the_pipeline(
+    start_worker: WorkerFactory,
+) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False), max_inference_steps=200)
+    slow = {
+        "prompt": "p",
+        "size": "256x256",
+        "response_format": "b64_json",
+        "nvext": {"num_inference_steps": 200},
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        post(url, slow, timeout=httpx.Timeout(120, read=0.5))  # the client gives up and hangs up
+    follow_up = post(url, {"prompt": "q", "response_format": "b64_json", "nvext": {"num_inference_steps": 1}})
+    assert follow_up.status_code == 200
+    assert engines[0].cancelled_calls == 1
+    assert engines[0].steps_run[0] < 200, "the abandoned batch stopped between steps"
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'diffusion_worker_cancelled_requests_total{reason="client_disconnected"} 1.0' in metrics
+
+
+def test_request_timeout_gives_504_and_drops_the_work(start_worker: WorkerFactory) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=True), request_timeout=0.5)
+    response = post(url, {"prompt": "p", "response_format": "b64_json"})
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "request_timeout"
+    engines[0].gate.set()
+    deadline = time.monotonic() + 30
+    while not engines[0].steps_run and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engines[0].cancelled_calls == 1
+    assert (
+        'diffusion_worker_cancelled_requests_total{reason="timeout"} 1.0' in httpx.get(f"{url}/metrics").text
+    )
+
+
+def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A real worker process: requests in flight at SIGTERM all get their images."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "diffusion_worker",
+            "serve",
+            "--model",
+            str(tiny_model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-batch-size",
+            "1",
+            "--storage-url",
+            f"file://{tmp_path}",
+        ],
+        env={**os.environ, "DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "100"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {
+            "prompt": "p",
+            "size": "128x128",
+            "response_format": "b64_json",
+            "nvext": {"num_inference_steps": 30},
+        }
+        with ThreadPoolExecutor(3) as pool:
+            futures = [
+                pool.submit(post, url, {**body, "nvext": {"num_inference_steps": 30, "seed": s}})
+                for s in range(3)
+            ]
+            while "diffusion_worker_queue_images 3.0" not in httpx.get(f"{url}/metrics").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            responses = [future.result(timeout=120) for future in futures]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        for response in responses:
+            blob = base64.b64decode(response.json()["data"][0]["b64_json"])
+            assert Image.open(io.BytesIO(blob)).size == (128, 128)
+        assert process.wait(timeout=60) == 0
+        stderr = process.stderr.read() if process.stderr else ""
+        assert "draining" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

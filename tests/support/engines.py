@@ -1,0 +1,65 @@
+"""Wrappers around the real tiny-model engine that let a test control or observe it.
+
+None of them fakes generation: images still come from the real diffusers pipeline. A gate makes
+"a batch is running" a state the test holds instead of a race it hopes to win; a recorder keeps
+what each pipeline call was asked to do.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from diffusion_worker.engine import Engine, GenerationBatch, GenerationCancelledError, KeepGoing, load_engines
+from diffusion_worker.settings import WorkerSettings
+
+
+class ObservedEngine:
+    """The real engine, optionally held at a gate before each call, recording every call."""
+
+    def __init__(self, inner: Engine, *, gated: bool) -> None:
+        self.inner = inner
+        self.info = inner.info
+        self.device = inner.device
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.entered = threading.Event()
+        self.batches: list[GenerationBatch] = []
+        self.cancelled_calls = 0
+        self.steps_run: list[int] = []
+
+    def generate(self, batch: GenerationBatch, keep_going: KeepGoing | None = None) -> list[Any]:
+        self.batches.append(batch)
+        self.entered.set()
+        assert self.gate.wait(timeout=60), "the test never opened the gate"
+        steps = 0
+
+        def counting_keep_going() -> bool:
+            nonlocal steps
+            steps += 1
+            return keep_going() if keep_going is not None else True
+
+        try:
+            return self.inner.generate(batch, counting_keep_going)
+        except GenerationCancelledError:
+            self.cancelled_calls += 1
+            raise
+        finally:
+            self.steps_run.append(steps)
+
+    def close(self) -> None:
+        self.gate.set()
+        self.inner.close()
+
+
+def observed_loader(holder: list[ObservedEngine], *, gated: bool) -> Callable[[WorkerSettings], list[Engine]]:
+    """An engine loader for build_app that loads the real engines and wraps them."""
+
+    def load(settings: WorkerSettings) -> list[Engine]:
+        engines = [ObservedEngine(engine, gated=gated) for engine in load_engines(settings)]
+        holder.extend(engines)
+        return list(engines)
+
+    return load
