@@ -70,8 +70,7 @@ def test_every_env_var_the_chart_sets_is_read_by_the_operator(render: Render) ->
 
 @needs_operator_package
 def test_chart_default_worker_image_is_the_operators_default() -> None:
-    from diffusion_operator import constants
-
+    constants = importlib.import_module("diffusion_operator.constants")
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     chart_default = (
         f"{values['worker']['image']['repository']}:{values['worker']['image']['tag'] or package_version()}"

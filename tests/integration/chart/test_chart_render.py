@@ -73,9 +73,10 @@ def test_crd_schema_validation_rejects_an_unknown_spec_field(
         validate_custom_resource(bad)
 
 
-@pytest.mark.parametrize(
-    "sample", sorted((CHART.parents[1] / "crds" / "samples").glob("*.yaml")), ids=Path.name.fget
-)
+SAMPLES = sorted((CHART.parents[1] / "crds" / "samples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[path.name for path in SAMPLES])
 def test_repository_samples_pass_the_same_crd_validation(
     validate_custom_resource: Callable[[Manifest], None], sample: Path
 ) -> None:
