@@ -1,0 +1,127 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "image-diffusion-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Prefix for every object name: RELEASE-CHART, or RELEASE when it already contains the chart name.
+*/}}
+{{- define "image-diffusion-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart label value: NAME-VERSION. */}}
+{{- define "image-diffusion-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select the operator pod; they never change between upgrades. */}}
+{{- define "image-diffusion-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "image-diffusion-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* Standard labels on every object; callers add app.kubernetes.io/component. */}}
+{{- define "image-diffusion-operator.labels" -}}
+helm.sh/chart: {{ include "image-diffusion-operator.chart" . }}
+app.kubernetes.io/name: {{ include "image-diffusion-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: image-diffusion-operator
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "image-diffusion-operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "image-diffusion-operator.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* REPOSITORY:TAG or REPOSITORY@DIGEST; the tag defaults to the chart's appVersion. */}}
+{{- define "image-diffusion-operator.image" -}}
+{{- $image := index . 0 }}
+{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* True (non-empty) when the operator watches only the listed namespaces. */}}
+{{- define "image-diffusion-operator.namespaceScoped" -}}
+{{- if .Values.operator.watchNamespaces }}true{{ end }}
+{{- end }}
+
+{{/*
+What the operator may do with the objects it owns: one list, used by the ClusterRole (cluster-wide
+mode) and by each namespace's Role (namespace-scoped mode). No wildcards and no Secrets: workers
+get credentials through Secret references in their pod spec, which the operator never reads.
+*/}}
+{{- define "image-diffusion-operator.operatorRules" -}}
+- apiGroups: ["imagediffusion.dev"]
+  resources: ["imagediffusionservices"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["imagediffusion.dev"]
+  resources: ["imagediffusionservices/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["imagediffusion.dev"]
+  resources: ["imagediffusionservices/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: [""]
+  resources: ["services", "persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/*
+kopf's own cluster-level discovery: it watches CRDs to notice API changes and Namespaces to follow
+the namespaces it serves. Read-only, nothing sensitive.
+*/}}
+{{- define "image-diffusion-operator.discoveryRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
+
+{{/*
+Deep merge of two maps as YAML: (list BASE OVERRIDE). Unlike sprig's mergeOverwrite, a value in
+OVERRIDE always wins, including 0, false and "" (a fleet default of gpus: 1 must not beat a
+service's gpus: 0). Lists are replaced, not merged.
+*/}}
+{{- define "image-diffusion-operator.deepMerge" -}}
+{{- $merged := deepCopy (default dict (index . 0)) }}
+{{- range $key, $value := (index . 1) }}
+{{- $current := index $merged $key }}
+{{- if and (kindIs "map" $value) (kindIs "map" $current) }}
+{{- $_ := set $merged $key (include "image-diffusion-operator.deepMerge" (list $current $value) | fromYaml) }}
+{{- else }}
+{{- $_ := set $merged $key $value }}
+{{- end }}
+{{- end }}
+{{- toYaml $merged }}
+{{- end }}

@@ -1,0 +1,96 @@
+"""values.yaml and values.schema.json: every key documented, bad values rejected by helm itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from chart_helpers import CHART
+
+VALUES = CHART / "values.yaml"
+SCHEMA = CHART / "values.schema.json"
+
+
+def test_default_values_satisfy_the_schema() -> None:
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(yaml.safe_load(VALUES.read_text()))
+
+
+def test_every_values_key_has_a_comment() -> None:
+    """Each chart key (one the schema declares) has a comment on the line above it.
+
+    Keys inside Kubernetes objects passed through as they are (resources, securityContext, ...) are
+    those objects' defaults, documented by the Kubernetes API, and are not checked.
+    """
+    schema = json.loads(SCHEMA.read_text())
+    lines = VALUES.read_text().splitlines()
+    stack: list[tuple[int, dict[str, Any] | None]] = [(-1, schema)]  # (indent, schema of that mapping)
+    missing = []
+    for number, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z][\w.-]*):", line)
+        if not match:
+            continue
+        indent, key = len(match.group(1)), match.group(2)
+        while stack[-1][0] >= indent:
+            stack.pop()
+        parent = stack[-1][1]
+        declared = parent.get("properties", {}) if parent else {}
+        if key in declared:
+            if not lines[number - 1].strip().startswith("#"):
+                missing.append(f"{number + 1}: {line.strip()}")
+            stack.append((indent, declared[key]))
+        else:
+            stack.append((indent, None))
+    assert not missing, "values.yaml keys without a comment:\n" + "\n".join(missing)
+
+
+def test_every_schema_object_rejects_unknown_keys() -> None:
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            if "properties" in node:
+                assert node.get("additionalProperties") is False, f"{path or '<root>'} accepts unknown keys"
+            for key, value in node.get("properties", {}).items():
+                walk(value, f"{path}.{key}".lstrip("."))
+            if isinstance(node.get("items"), dict):
+                walk(node["items"], f"{path}[]")
+
+    walk(json.loads(SCHEMA.read_text()), "")
+
+
+BAD_VALUES = {
+    "unknown top-level key": ["--set", "replicaCount=2"],
+    "unknown nested key": ["--set", "operator.image.name=x"],
+    "misspelt section": ["--set", "operater.enabled=false"],
+    "port as text": ["--set-string", "operator.livenessPort=http"],
+    "port out of range": ["--set", "operator.livenessPort=70000"],
+    "log format not in enum": ["--set", "operator.logFormat=xml"],
+    "pull policy not in enum": ["--set", "operator.image.pullPolicy=Sometimes"],
+    "namespace not a DNS label": ["--set", "operator.watchNamespaces={Team_A}"],
+    "watchNamespaces as a string": ["--set", "operator.watchNamespaces=team-a"],
+    "bad digest": ["--set", "worker.image.digest=latest"],
+    "crds.enabled as text": ["--set-string", "crds.enabled=yes"],
+    "fleet service without spec": ["--set", "fleet.services[0].name=x"],
+    "fleet service with a bad name": [
+        "--set", "fleet.services[0].name=X_1", "--set", "fleet.services[0].spec.replicas=1",
+    ],
+    "fleet service unknown key": [
+        "--set", "fleet.services[0].name=x", "--set", "fleet.services[0].spec.replicas=1",
+        "--set", "fleet.services[0].replicas=1",
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_helm_rejects_bad_values(helm: str, case: str) -> None:
+    result = subprocess.run(
+        [helm, "template", "x", str(CHART), *BAD_VALUES[case]], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0, f"{case}: helm accepted it"
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
