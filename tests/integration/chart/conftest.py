@@ -9,7 +9,8 @@ from collections.abc import Callable
 import jsonschema
 import pytest
 import yaml
-from chart_helpers import (
+
+from support.chart import (
     CHART,
     CRD_SOURCE,
     RELEASE,

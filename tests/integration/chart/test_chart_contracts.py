@@ -8,7 +8,8 @@ import tomllib
 
 import pytest
 import yaml
-from chart_helpers import CHART, REPO, Render
+
+from support.chart import CHART, REPO, Render
 
 OPERATOR_PACKAGE = REPO / "operator" / "diffusion_operator"
 needs_operator_package = pytest.mark.skipif(

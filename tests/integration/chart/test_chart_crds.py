@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chart_helpers import CHART, REPO
+from support.chart import CHART, REPO
 
 SOURCE = REPO / "crds"
 COPY = CHART / "files" / "crds"

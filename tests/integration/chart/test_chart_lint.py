@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from chart_helpers import CHART, SCENARIOS
+
+from support.chart import CHART, SCENARIOS
 
 pytestmark = pytest.mark.integration
 

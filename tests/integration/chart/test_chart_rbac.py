@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from chart_helpers import SCENARIOS, Manifest, Render
+
+from support.chart import SCENARIOS, Manifest, Render
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from chart_helpers import CHART, RELEASE, RELEASE_NAMESPACE, SCENARIOS, Manifest, Render
+
+from support.chart import CHART, RELEASE, RELEASE_NAMESPACE, SCENARIOS, Manifest, Render
 
 pytestmark = pytest.mark.integration
 

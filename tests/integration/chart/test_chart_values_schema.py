@@ -10,7 +10,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from chart_helpers import CHART
+
+from support.chart import CHART
 
 VALUES = CHART / "values.yaml"
 SCHEMA = CHART / "values.schema.json"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "image-diffusion-operator"
 CRD_SOURCE = REPO / "crds" / "imagediffusion.dev_imagediffusionservices.yaml"
 RELEASE = "idsvc"
