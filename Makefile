@@ -90,3 +90,8 @@ images: ## build the worker and operator images, tagged with the package version
 
 e2e: ## kind cluster: build+load images, helm install, CPU sample Ready, openai call, delete (needs Docker)
 	hack/e2e.sh
+
+# --- benchmarks (never part of `make test`) ---
+bench: setup ## serving benchmark vs the bare diffusers loop; writes bench/results/serving-*.json
+	$(PY) bench/serving.py --size 64x64 --steps 4 --guidance 0 --label 64px-4steps
+	$(PY) bench/serving.py --size 128x128 --steps 20 --guidance 7.5 --concurrency 1 8 --label 128px-20steps

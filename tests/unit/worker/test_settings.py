@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -72,3 +73,10 @@ def test_bad_choice_is_rejected_by_the_parser() -> None:
 def test_served_model_name_defaults_to_model() -> None:
     assert WorkerSettings(model="m").effective_served_model_name == "m"
     assert WorkerSettings(model="m", served_model_name="n").effective_served_model_name == "n"
+
+
+def test_readme_documents_every_flag_and_env_var() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    for name in WorkerSettings.model_fields:
+        assert f"`--{name.replace('_', '-')}`" in readme, name
+        assert f"`DIFFUSION_WORKER_{name.upper()}`" in readme, name
