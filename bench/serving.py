@@ -50,38 +50,35 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def raw_baseline(
-    model: str, width: int, height: int, steps: int, guidance: float, images: int, repeats: int
-) -> dict[str, Any]:
+class RawBaseline:
     """The loop a user writes: one pipeline, one image per call, sequential."""
-    import torch
-    from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
+    def __init__(self, model: str, width: int, height: int, steps: int, guidance: float) -> None:
+        from diffusers import DiffusionPipeline
 
-    def call(seed: int) -> None:
-        pipe(
-            PROMPT,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            generator=torch.Generator("cpu").manual_seed(seed),
-        )
+        self.pipe = DiffusionPipeline.from_pretrained(model)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.kwargs = {
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "width": width,
+            "height": height,
+        }
 
-    for seed in range(3):  # warm-up
-        call(seed)
-    latencies: list[float] = []
-    throughputs: list[float] = []
-    for _ in range(repeats):
+    def call(self, seed: int) -> None:
+        import torch
+
+        self.pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), **self.kwargs)
+
+    def run(self, images: int) -> tuple[float, list[float]]:
+        """`images` sequential calls; returns (images per second, latencies)."""
+        latencies = []
         started = time.perf_counter()
         for seed in range(images):
             t0 = time.perf_counter()
-            call(seed)
+            self.call(seed)
             latencies.append(time.perf_counter() - t0)
-        throughputs.append(images / (time.perf_counter() - started))
-    return {"latency_s": summary(latencies), "images_per_s": summary(throughputs)}
+        return images / (time.perf_counter() - started), latencies
 
 
 def free_port() -> int:
@@ -200,7 +197,7 @@ def main() -> int:
     parser.add_argument("--guidance", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--requests-per-client", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=0)
     parser.add_argument("--label", default="", help="suffix of the result file name")
@@ -213,14 +210,10 @@ def main() -> int:
         from diffusion_worker.tiny_model import build_tiny_pipeline
 
         model = str(build_tiny_pipeline(workdir / "tiny-sd"))
-    print(f"raw baseline: {model} {args.size} steps={args.steps} guidance={args.guidance}", flush=True)
-    raw_images = 16
-    raw = raw_baseline(model, width, height, args.steps, args.guidance, raw_images, args.repeats)
-    print(
-        f"  raw latency median {raw['latency_s']['median'] * 1000:.1f} ms, "
-        f"{raw['images_per_s']['median']:.2f} images/s",
-        flush=True,
-    )
+    print(f"{model} {args.size} steps={args.steps} guidance={args.guidance}", flush=True)
+    raw = RawBaseline(model, width, height, args.steps, args.guidance)
+    for seed in range(3):
+        raw.call(seed)  # warm-up
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = start_worker(model, port, args.max_batch_size, args.batch_wait_ms, workdir / "worker.log")
@@ -230,46 +223,66 @@ def main() -> int:
         "response_format": "b64_json",
         "nvext": {"num_inference_steps": args.steps, "guidance_scale": args.guidance},
     }
-    runs: list[dict[str, Any]] = []
+    raw_images = 16
+    raw_throughputs: list[float] = []
+    raw_latencies: list[float] = []
+    samples: dict[int, dict[str, Any]] = {
+        c: {"throughputs": [], "latencies": [], "batches": {}} for c in args.concurrency
+    }
     try:
         http_run(url, body, 1, 3)  # warm-up
-        for concurrency in args.concurrency:
-            requests = max(8, concurrency * args.requests_per_client)
-            throughputs: list[float] = []
-            latencies: list[float] = []
-            before = batch_histogram(url)
-            for _ in range(args.repeats):
-                wall, lat = http_run(url, body, concurrency, requests)
-                throughputs.append(requests / wall)
-                latencies.extend(lat)
-            run = {
-                "concurrency": concurrency,
-                "requests_per_repeat": requests,
-                "images_per_s": summary(throughputs),
-                "throughput_ratio_vs_raw_sequential": statistics.median(throughputs)
-                / raw["images_per_s"]["median"],
-                "latency_s": {
-                    **summary(latencies),
-                    "p50": percentile(latencies, 0.5),
-                    "p95": percentile(latencies, 0.95),
-                },
-                "batch_sizes": batch_sizes_between(before, batch_histogram(url)),
-            }
-            if concurrency == 1:
-                run["latency_overhead_ratio_vs_raw"] = (
-                    statistics.median(latencies) / raw["latency_s"]["median"]
-                )
-            runs.append(run)
-            print(
-                f"  c={concurrency:>2}: {run['images_per_s']['median']:.2f} images/s "
-                f"({run['throughput_ratio_vs_raw_sequential']:.2f}x raw), "
-                f"p50 {run['latency_s']['p50'] * 1000:.0f} ms, "
-                f"p95 {run['latency_s']['p95'] * 1000:.0f} ms, batches {run['batch_sizes']}",
-                flush=True,
-            )
+        # Raw and worker repetitions alternate, so a change in machine load hits both sides alike.
+        for repeat in range(args.repeats):
+            throughput, latencies = raw.run(raw_images)
+            raw_throughputs.append(throughput)
+            raw_latencies.extend(latencies)
+            for concurrency in args.concurrency:
+                requests = max(8, concurrency * args.requests_per_client)
+                before = batch_histogram(url)
+                wall, latencies = http_run(url, body, concurrency, requests)
+                sample = samples[concurrency]
+                sample["throughputs"].append(requests / wall)
+                sample["latencies"].extend(latencies)
+                for bucket, count in batch_sizes_between(before, batch_histogram(url)).items():
+                    sample["batches"][bucket] = sample["batches"].get(bucket, 0) + count
+            print(f"  repeat {repeat + 1}/{args.repeats} done", flush=True)
     finally:
         process.terminate()
         process.wait(timeout=120)
+    raw_summary = {"latency_s": summary(raw_latencies), "images_per_s": summary(raw_throughputs)}
+    print(
+        f"  raw: latency median {raw_summary['latency_s']['median'] * 1000:.1f} ms, "
+        f"{raw_summary['images_per_s']['median']:.2f} images/s"
+    )
+    runs: list[dict[str, Any]] = []
+    for concurrency, sample in samples.items():
+        latencies = sample["latencies"]
+        run: dict[str, Any] = {
+            "concurrency": concurrency,
+            "requests_per_repeat": max(8, concurrency * args.requests_per_client),
+            "images_per_s": summary(sample["throughputs"]),
+            "throughput_ratio_vs_raw_sequential": statistics.median(sample["throughputs"])
+            / raw_summary["images_per_s"]["median"],
+            "latency_s": {
+                **summary(latencies),
+                "p50": percentile(latencies, 0.5),
+                "p95": percentile(latencies, 0.95),
+            },
+            "batch_sizes": sample["batches"],
+        }
+        if concurrency == 1:
+            run["latency_overhead_ratio_vs_raw"] = (
+                statistics.median(latencies) / raw_summary["latency_s"]["median"]
+            )
+        runs.append(run)
+        overhead = f", overhead {run['latency_overhead_ratio_vs_raw']:.3f}x" if concurrency == 1 else ""
+        print(
+            f"  c={concurrency:>2}: {run['images_per_s']['median']:.2f} images/s "
+            f"({run['throughput_ratio_vs_raw_sequential']:.2f}x raw){overhead}, "
+            f"p50 {run['latency_s']['p50'] * 1000:.0f} ms, p95 {run['latency_s']['p95'] * 1000:.0f} ms, "
+            f"batches {run['batch_sizes']}",
+            flush=True,
+        )
     result = {
         "benchmark": "serving",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -286,7 +299,7 @@ def main() -> int:
             "response_format": "b64_json",
             "raw_images_per_repeat": raw_images,
         },
-        "raw": raw,
+        "raw": raw_summary,
         "worker": runs,
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from diffusion_worker.engine import Engine, GenerationBatch, GenerationCancelledError, KeepGoing, load_engines
+from diffusion_worker.previews import PreviewPlan
 from diffusion_worker.settings import WorkerSettings
 
 
@@ -30,7 +31,9 @@ class ObservedEngine:
         self.cancelled_calls = 0
         self.steps_run: list[int] = []
 
-    def generate(self, batch: GenerationBatch, keep_going: KeepGoing | None = None) -> list[Any]:
+    def generate(
+        self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
+    ) -> list[Any]:
         self.batches.append(batch)
         self.entered.set()
         assert self.gate.wait(timeout=60), "the test never opened the gate"
@@ -42,7 +45,7 @@ class ObservedEngine:
             return keep_going() if keep_going is not None else True
 
         try:
-            return self.inner.generate(batch, counting_keep_going)
+            return self.inner.generate(batch, counting_keep_going, previews)
         except GenerationCancelledError:
             self.cancelled_calls += 1
             raise

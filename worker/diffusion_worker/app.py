@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -94,12 +94,19 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     @app.post(
         "/v1/images/generations",
         response_model=ImagesResponse,
-        responses=ERROR_RESPONSES,
+        responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
         dependencies=[Depends(require_key)],
         summary="Create images from a prompt",
     )
     async def create_images(body: ImageGenerationRequest, request: Request) -> Response:
         service: ImageGenerationService = request.app.state.service
+        if body.stream:
+            events = service.start_stream(body, request_id_var.get())
+            return StreamingResponse(
+                server_sent_events(events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         work = service.generate(body, request_id_var.get(), str(request.base_url))
         result = await cancel_on_disconnect(request, work)
         if result is None:
@@ -151,6 +158,15 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def server_sent_events(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """`event: <type>` / `data: <json>` frames, as the OpenAI streaming API sends them.
+
+    When the client disconnects, Starlette cancels this iterator, which cancels the request's work.
+    """
+    async for event in events:
+        yield f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
 
 
 async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from diffusion_worker.model_source import ModelSourceError, resolve_model
+from diffusion_worker.previews import CleanLatentTap, PreviewPlan, decode_latents
 from diffusion_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,14 @@ class Engine(Protocol):
     info: ModelInfo
     device: str
 
-    def generate(self, batch: GenerationBatch, keep_going: KeepGoing | None = None) -> list[Any]:
+    def generate(
+        self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
+    ) -> list[Any]:
         """Run one pipeline call; returns PIL images in batch order.
 
         `keep_going` is asked after each denoising step; False stops the call with
-        GenerationCancelledError (where the pipeline has step callbacks).
+        GenerationCancelledError. `previews` asks for partial images of some rows after some steps.
+        Both need a pipeline with step callbacks (`ModelInfo.supports_step_callback`).
         """
         ...
 
@@ -157,7 +162,9 @@ class DiffusersEngine:
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
         return cls(pipeline, device)
 
-    def generate(self, batch: GenerationBatch, keep_going: KeepGoing | None = None) -> list[Any]:
+    def generate(
+        self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
+    ) -> list[Any]:
         """Run one pipeline call with one CPU generator per image (same noise on any device)."""
         import torch
 
@@ -173,17 +180,22 @@ class DiffusersEngine:
             kwargs["guidance_scale"] = batch.guidance_scale
         if batch.negative_prompts is not None:
             kwargs["negative_prompt"] = batch.negative_prompts
-        if keep_going is not None and self.info.supports_step_callback:
+        tap = CleanLatentTap(self.pipeline.scheduler) if previews and previews.rows_at_step else None
+        if self.info.supports_step_callback and (keep_going is not None or tap is not None):
 
-            def stop_when_abandoned(
-                pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]
-            ) -> dict[str, Any]:
-                if not keep_going():
+            def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                if keep_going is not None and not keep_going():
                     raise GenerationCancelledError(f"stopped after step {step + 1}")
+                if tap is not None and previews is not None and tap.latest is not None:
+                    rows = previews.rows_at_step.get(step + 1)
+                    if rows:
+                        images = decode_latents(self.pipeline, tap.latest[rows], batch.width, batch.height)
+                        for row, image in zip(rows, images, strict=True):
+                            previews.sink(row, step + 1, image)
                 return tensors
 
-            kwargs["callback_on_step_end"] = stop_when_abandoned
-        with torch.inference_mode():
+            kwargs["callback_on_step_end"] = on_step_end
+        with torch.inference_mode(), tap or contextlib.nullcontext():
             output = self.pipeline(**kwargs)
         return list(output.images)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -14,8 +15,12 @@ SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
-Quality = Literal["standard", "hd", "low", "medium", "high", "auto"]
+Quality = Literal["low", "medium", "high", "xhigh", "max", "auto", "standard", "hd"]
+QUALITY_VALUES: tuple[str, ...] = typing.get_args(Quality)
 Style = Literal["vivid", "natural"]
+Background = Literal["auto", "opaque", "transparent"]
+Moderation = Literal["low", "auto"]
+MAX_PARTIAL_IMAGES = 3
 
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
@@ -45,7 +50,9 @@ class ImageGenerationRequest(BaseModel):
     model: str | None = Field(None, description="Must equal the served model name when given.")
     n: int | None = Field(1, ge=1, description="Number of images.")
     size: str | None = Field(None, description="WIDTHxHEIGHT (multiples of 8) or `auto`.")
-    quality: Quality | None = Field(None, description="Accepted and echoed.")
+    quality: Quality | None = Field(
+        None, description="Sets the step count when nvext.num_inference_steps is absent (see README)."
+    )
     response_format: ResponseFormat | None = Field(None, description="`url` (default) or `b64_json`.")
     output_format: OutputFormat | None = Field(None, description="png (default), jpeg or webp.")
     output_compression: int | None = Field(
@@ -53,7 +60,25 @@ class ImageGenerationRequest(BaseModel):
     )
     style: Style | None = Field(None, description="Accepted; has no effect on diffusion models.")
     user: str | None = Field(None, description="End-user id; names the storage folder (sanitised).")
+    safety_identifier: str | None = Field(
+        None, description="End-user id; takes precedence over `user` for storage paths and logs."
+    )
+    background: Background | None = Field(None, description="`auto` or `opaque`; `transparent` is refused.")
+    moderation: Moderation | None = Field(None, description="Accepted; no moderation is applied.")
+    stream: bool | None = Field(None, description="Answer with server-sent events (b64_json only).")
+    partial_images: int | None = Field(
+        None, ge=0, le=MAX_PARTIAL_IMAGES, description="Previews per image while streaming (0-3)."
+    )
+    # Known OpenAI fields this server cannot honour: refused by name rather than ignored.
+    svg: Any | None = Field(None, description="Not supported (400).")
+    frame_count: Any | None = Field(None, description="Not supported (400).")
+    complexity: Any | None = Field(None, description="Not supported (400).")
     nvext: NvExt | None = None
+
+    @property
+    def effective_user(self) -> str | None:
+        """`safety_identifier` when non-empty, else `user`."""
+        return self.safety_identifier or self.user or None
 
     @field_validator("prompt")
     @classmethod
@@ -85,6 +110,8 @@ class ImagesResponse(BaseModel):
     size: str
     quality: str
     output_format: OutputFormat
+    background: Literal["opaque"]
+    safety_identifier: str | None
     nvext: NvExtResponse
 
 

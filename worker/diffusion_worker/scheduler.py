@@ -22,15 +22,19 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from diffusion_worker.engine import Engine, GenerationBatch, GenerationCancelledError
 from diffusion_worker.logs import request_id_var
 from diffusion_worker.metrics import WorkerMetrics
+from diffusion_worker.previews import PreviewPlan, preview_steps
 
 log = logging.getLogger(__name__)
+
+PartialSink = Callable[[int, int, Any], None]
+"""Called on the event loop as sink(image_index, partial_image_index, pil_image)."""
 
 
 class QueueFullError(Exception):
@@ -55,6 +59,8 @@ class _Job:
     results: list[Any] = field(default_factory=list)
     cancelled: bool = False
     started: bool = False
+    partial_images: int = 0
+    on_partial: PartialSink | None = None
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.batch)
@@ -116,8 +122,26 @@ class Scheduler:
 
     async def generate(self, batch: GenerationBatch, request_id: str) -> list[Any]:
         """Queue a request's images and wait for them, in order. Cancelling drops the work."""
+        return await self.wait(self.submit(batch, request_id))
+
+    def submit(
+        self,
+        batch: GenerationBatch,
+        request_id: str,
+        *,
+        partial_images: int = 0,
+        on_partial: PartialSink | None = None,
+    ) -> _Job:
+        """Admit a request's images (QueueFullError / SchedulerClosedError when it cannot be)."""
         loop = asyncio.get_running_loop()
-        job = _Job(batch, request_id, loop.create_future(), loop)
+        job = _Job(
+            batch,
+            request_id,
+            loop.create_future(),
+            loop,
+            partial_images=partial_images,
+            on_partial=on_partial,
+        )
         with self._condition:
             if self._closed:
                 raise SchedulerClosedError("the worker is shutting down")
@@ -130,6 +154,10 @@ class Scheduler:
             self._pending.append(job)
             self._condition.notify()
         self.metrics.queue_depth.set(self._admitted)
+        return job
+
+    async def wait(self, job: _Job) -> list[Any]:
+        """The images of a submitted job, in order. Cancelling the waiter drops the job's work."""
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -137,7 +165,7 @@ class Scheduler:
             raise
         finally:
             with self._condition:
-                self._admitted -= len(batch)
+                self._admitted -= len(job.batch)
             self.metrics.queue_depth.set(self._admitted)
 
     def _cancel(self, job: _Job) -> None:
@@ -215,7 +243,9 @@ class Scheduler:
         token = request_id_var.set(",".join(dict.fromkeys(job.request_id for job in jobs)))
         self.metrics.batch_size.observe(len(batch))
         try:
-            images = engine.generate(batch, lambda: any(not job.cancelled for job in jobs))
+            images = engine.generate(
+                batch, lambda: any(not job.cancelled for job in jobs), self._preview_plan(slices, batch)
+            )
         except GenerationCancelledError:
             log.info("batch of %d stopped: every request in it was cancelled", len(batch))
             return
@@ -239,6 +269,29 @@ class Scheduler:
                 done = piece.job.finished == len(piece.job.batch)
             if done:
                 piece.job.loop.call_soon_threadsafe(_succeed, piece.job.future, piece.job.results)
+
+    def _preview_plan(self, slices: list[_Slice], batch: GenerationBatch) -> PreviewPlan | None:
+        """Rows of this batch that stream partial images, and at which steps."""
+        rows_at_step: dict[int, list[int]] = {}
+        owners: dict[int, tuple[_Job, int, list[int]]] = {}
+        row = 0
+        for piece in slices:
+            job = piece.job
+            steps = preview_steps(batch.num_inference_steps, job.partial_images) if job.on_partial else []
+            for index in range(piece.start, piece.stop):
+                for step in steps:
+                    rows_at_step.setdefault(step, []).append(row)
+                owners[row] = (job, index, steps)
+                row += 1
+        if not rows_at_step:
+            return None
+
+        def sink(row: int, step: int, image: Any) -> None:
+            job, index, steps = owners[row]
+            if not job.cancelled and job.on_partial is not None:
+                job.loop.call_soon_threadsafe(job.on_partial, index, steps.index(step), image)
+
+        return PreviewPlan(rows_at_step, sink)
 
     def close(self) -> None:
         """Stop taking work, let the threads finish what is queued, and join them."""

@@ -7,6 +7,7 @@ import base64
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +23,25 @@ from diffusion_worker.protocol import (
     image_object,
     parse_size,
 )
-from diffusion_worker.scheduler import QueueFullError, Scheduler, SchedulerClosedError
+from diffusion_worker.scheduler import PartialSink, QueueFullError, Scheduler, SchedulerClosedError
 from diffusion_worker.settings import WorkerSettings
 from diffusion_worker.storage import ImageStore, StorageError, image_key
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+# Steps per `quality`, as a multiple of the default step count D (see README); capped at the limit.
+QUALITY_STEP_FACTORS: dict[str, float] = {
+    "low": 0.25,
+    "medium": 0.5,
+    "auto": 1.0,
+    "standard": 1.0,
+    "high": 1.0,
+    "hd": 1.5,
+    "xhigh": 1.5,
+    "max": 2.0,
+}
+UNSUPPORTED_FIELDS = ("svg", "frame_count", "complexity")
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,7 @@ class RequestDefaults:
     size: tuple[int, int]
     steps: int
     guidance_scale: float
+    quality_steps: dict[str, int]
 
     @classmethod
     def resolve(cls, settings: WorkerSettings, info: ModelInfo) -> RequestDefaults:
@@ -57,10 +71,17 @@ class RequestDefaults:
             )
             steps = settings.max_inference_steps
         guidance = settings.default_guidance_scale
+        quality_steps = {
+            quality: max(1, min(settings.max_inference_steps, round(steps * factor)))
+            for quality, factor in QUALITY_STEP_FACTORS.items()
+        }
+        for quality, count in (settings.quality_steps or {}).items():
+            quality_steps[quality] = min(settings.max_inference_steps, count)
         return cls(
             size=size or info.default_size,
             steps=steps,
             guidance_scale=info.default_guidance_scale if guidance is None else guidance,
+            quality_steps=quality_steps,
         )
 
 
@@ -99,6 +120,7 @@ class ImageGenerationService:
                 f"`prompt` has {len(request.prompt)} characters; the limit is {settings.max_prompt_length}",
                 code="prompt_too_long",
             )
+        self._refuse_unsupported(request)
         n = request.n or 1
         if n > settings.max_images_per_request:
             raise invalid_param(
@@ -108,7 +130,7 @@ class ImageGenerationService:
         if request.size is not None and request.size != "auto":
             size = parse_size(request.size, max_pixels=settings.max_pixels)
         nvext = request.nvext
-        steps = self.defaults.steps
+        steps = self.defaults.quality_steps[request.quality or "auto"]
         guidance = self.defaults.guidance_scale
         negative_prompt = None
         seed = None
@@ -152,6 +174,26 @@ class ImageGenerationService:
             seeds=[seed + index for index in range(n)],
         )
 
+    def _refuse_unsupported(self, request: ImageGenerationRequest) -> None:
+        for name in UNSUPPORTED_FIELDS:
+            if getattr(request, name) is not None:
+                raise invalid_param(
+                    name, f"`{name}` is not supported by this server", code="unsupported_parameter"
+                )
+        if request.background == "transparent":
+            raise invalid_param(
+                "background",
+                "`background` 'transparent' is not supported: diffusion pipelines make opaque images; "
+                "use 'auto' or 'opaque'",
+                code="unsupported_parameter",
+            )
+        if request.stream and request.response_format == "url":
+            raise invalid_param(
+                "response_format",
+                "`response_format` 'url' cannot be streamed: streamed events carry b64_json",
+                code="unsupported_parameter",
+            )
+
     async def generate(
         self, request: ImageGenerationRequest, request_id: str, request_base_url: str
     ) -> dict[str, Any]:
@@ -159,19 +201,47 @@ class ImageGenerationService:
         if request.model_extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         batch = self.build_batch(request)
-        try:
-            images = await asyncio.wait_for(
-                self.scheduler.generate(batch, request_id), timeout=self.settings.request_timeout
+        images = await self._wait(self._submit(batch, request_id))
+        output_format = request.output_format or "png"
+        encoded = await asyncio.to_thread(
+            lambda: [encode_image(image, output_format, request.output_compression) for image in images]
+        )
+        response_format = request.response_format or "url"
+        if response_format == "b64_json":
+            data = [image_object("b64_json", base64.b64encode(blob).decode("ascii")) for blob in encoded]
+        else:
+            data = await self._store(
+                encoded, output_format, request.effective_user, request_id, request_base_url
             )
-        except TimeoutError as exc:
-            self.metrics.cancelled.labels(reason="timeout").inc()
-            raise APIError(
-                504,
-                f"The images were not ready within {self.settings.request_timeout:g}s (--request-timeout); "
-                "the work was dropped",
-                type="timeout",
-                code="request_timeout",
-            ) from exc
+        return {
+            "created": int(time.time()),
+            "data": data,
+            **self._echo(request, batch),
+            "nvext": {"seeds": batch.seeds},
+        }
+
+    def _echo(self, request: ImageGenerationRequest, batch: GenerationBatch) -> dict[str, Any]:
+        """What the response and stream events report about the images."""
+        return {
+            "size": format_size((batch.width, batch.height)),
+            "quality": request.quality or "auto",
+            "output_format": request.output_format or "png",
+            "background": "opaque",
+            "safety_identifier": request.effective_user,
+        }
+
+    def _submit(
+        self,
+        batch: GenerationBatch,
+        request_id: str,
+        *,
+        partial_images: int = 0,
+        on_partial: PartialSink | None = None,
+    ) -> Any:
+        try:
+            return self.scheduler.submit(
+                batch, request_id, partial_images=partial_images, on_partial=on_partial
+            )
         except QueueFullError as exc:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise APIError(
@@ -186,23 +256,93 @@ class ImageGenerationService:
             raise APIError(
                 503, "The server is shutting down; retry on another replica", type="service_unavailable"
             ) from exc
-        output_format = request.output_format or "png"
-        encoded = await asyncio.to_thread(
-            lambda: [encode_image(image, output_format, request.output_compression) for image in images]
+
+    async def _wait(self, job: Any) -> list[Any]:
+        try:
+            return await asyncio.wait_for(self.scheduler.wait(job), timeout=self.settings.request_timeout)
+        except TimeoutError as exc:
+            self.metrics.cancelled.labels(reason="timeout").inc()
+            raise APIError(
+                504,
+                f"The images were not ready within {self.settings.request_timeout:g}s (--request-timeout); "
+                "the work was dropped",
+                type="timeout",
+                code="request_timeout",
+            ) from exc
+
+    def start_stream(self, request: ImageGenerationRequest, request_id: str) -> AsyncIterator[dict[str, Any]]:
+        """Admit a streamed request now (so a full queue is still a plain 429), then yield its events:
+        `image_generation.partial_image` as previews arrive, one `image_generation.completed` per
+        image, or one `error` event. Each event's `nvext.image_index` says which image it belongs to."""
+        if request.model_extra:
+            log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+        batch = self.build_batch(request)
+        partials: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue()
+        job = self._submit(
+            batch,
+            request_id,
+            partial_images=request.partial_images or 0,
+            on_partial=lambda index, partial, image: partials.put_nowait((index, partial, image)),
         )
-        response_format = request.response_format or "url"
-        if response_format == "b64_json":
-            data = [image_object("b64_json", base64.b64encode(blob).decode("ascii")) for blob in encoded]
-        else:
-            data = await self._store(encoded, output_format, request.user, request_id, request_base_url)
-        return {
-            "created": int(time.time()),
-            "data": data,
-            "size": format_size((batch.width, batch.height)),
-            "quality": request.quality or "auto",
-            "output_format": output_format,
-            "nvext": {"seeds": batch.seeds},
-        }
+        return self._stream_events(request, batch, job, partials)
+
+    async def _stream_events(
+        self,
+        request: ImageGenerationRequest,
+        batch: GenerationBatch,
+        job: Any,
+        partials: asyncio.Queue[tuple[int, int, Any]],
+    ) -> AsyncIterator[dict[str, Any]]:
+        echo = self._echo(request, batch)
+        del echo["safety_identifier"]
+        output_format = echo["output_format"]
+
+        async def event(kind: str, index: int, image: Any, **fields: Any) -> dict[str, Any]:
+            blob = await asyncio.to_thread(encode_image, image, output_format, request.output_compression)
+            return {
+                "type": kind,
+                "b64_json": base64.b64encode(blob).decode("ascii"),
+                "created_at": int(time.time()),
+                **echo,
+                **fields,
+                "nvext": {"image_index": index, "seed": batch.seeds[index]},
+            }
+
+        waiter = asyncio.ensure_future(self._wait(job))
+        try:
+            while not waiter.done() or not partials.empty():
+                getter = asyncio.ensure_future(partials.get())
+                await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                index, partial_index, image = getter.result()
+                yield await event(
+                    "image_generation.partial_image", index, image, partial_image_index=partial_index
+                )
+            images = waiter.result()
+            for index, image in enumerate(images):
+                usage = {
+                    "input_tokens": 0,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                    "output_tokens": 0,
+                    "total_tokens": 0,
+                }
+                yield await event(
+                    "image_generation.completed",
+                    index,
+                    image,
+                    usage=usage,
+                    safety_identifier=request.effective_user,
+                )
+        except APIError as exc:
+            yield {"type": "error", **exc.body()}
+        except Exception:
+            log.exception("streamed generation failed")
+            yield {"type": "error", **APIError(500, "Internal server error", type="server_error").body()}
+        finally:
+            if not waiter.done():
+                waiter.cancel()
 
     async def _store(
         self, encoded: list[bytes], output_format: str, user: str | None, request_id: str, base_url: str

@@ -7,6 +7,7 @@ The operator renders `python -m diffusion_worker serve <flags>`; a test parses t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import types
@@ -137,6 +138,13 @@ class WorkerSettings(BaseSettings):
         None,
         description="WIDTHxHEIGHT when a request gives none or `auto`. Default: the model's native size.",
     )
+    quality_steps: dict[str, int] | None = Field(
+        None,
+        description="JSON object of inference steps per `quality` value, used when a request gives "
+        'no nvext.num_inference_steps, e.g. {"low": 8, "high": 40}. Values not given follow the default '
+        "steps D: low 0.25D, medium 0.5D, auto/standard/high D, hd/xhigh 1.5D, max 2D; all capped at "
+        "--max-inference-steps.",
+    )
     # --- parallelism ---
     data_parallel_size: int = Field(
         1, ge=1, description="Pipelines loaded, one per device; batches go to any free one."
@@ -153,6 +161,32 @@ class WorkerSettings(BaseSettings):
                 f"storage_url must be a URL such as file:///data or s3://bucket/prefix, got {value!r}"
             )
         return value.rstrip("/")
+
+    @field_validator("quality_steps", mode="before")
+    @classmethod
+    def _quality_steps_from_json(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f'quality_steps must be a JSON object such as {{"low": 8}}, got {value!r}'
+                ) from exc
+        return value
+
+    @field_validator("quality_steps")
+    @classmethod
+    def _quality_steps_known(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        from diffusion_worker.protocol import QUALITY_VALUES
+
+        for quality, steps in (value or {}).items():
+            if quality not in QUALITY_VALUES:
+                raise ValueError(
+                    f"quality_steps: unknown quality {quality!r}; known: {', '.join(QUALITY_VALUES)}"
+                )
+            if steps < 1:
+                raise ValueError(f"quality_steps: {quality} must be at least 1 step, got {steps}")
+        return value
 
     @property
     def effective_served_model_name(self) -> str:

@@ -1,0 +1,240 @@
+"""Streaming partial images and the current OpenAI request surface, with the official client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from support.engines import ObservedEngine, observed_loader
+
+pytestmark = pytest.mark.integration
+
+WorkerFactory = Callable[..., str]
+
+
+def stream_events(client: openai.OpenAI, **kwargs: Any) -> list[Any]:
+    return list(client.images.generate(prompt="a red circle", stream=True, **kwargs))
+
+
+def test_stream_yields_partials_then_a_completed_image_equal_to_the_non_streamed_one(
+    client: openai.OpenAI,
+) -> None:
+    nvext = {"seed": 5, "num_inference_steps": 8}
+    events = stream_events(client, partial_images=3, extra_body={"nvext": nvext})
+    kinds = [event.type for event in events]
+    assert kinds == ["image_generation.partial_image"] * 3 + ["image_generation.completed"]
+    assert [event.partial_image_index for event in events[:3]] == [0, 1, 2]
+    for event in events:
+        assert base64.b64decode(event.b64_json).startswith(b"\x89PNG")
+        assert (event.size, event.output_format, event.background) == ("64x64", "png", "opaque")
+        assert event.model_extra["nvext"] == {"image_index": 0, "seed": 5}
+    plain = client.images.generate(
+        prompt="a red circle", response_format="b64_json", extra_body={"nvext": nvext}
+    )
+    assert events[-1].b64_json == (plain.data or [])[0].b64_json
+    assert len({event.b64_json for event in events}) == 4, "previews show the image coming into view"
+
+
+def test_partial_images_zero_yields_only_the_completed_event(client: openai.OpenAI) -> None:
+    events = stream_events(client, partial_images=0, extra_body={"nvext": {"num_inference_steps": 3}})
+    assert [event.type for event in events] == ["image_generation.completed"]
+    assert events[0].usage.total_tokens == 0
+
+
+def test_n_images_stream_their_own_events_told_apart_by_image_index(client: openai.OpenAI) -> None:
+    events = stream_events(
+        client, n=2, partial_images=1, extra_body={"nvext": {"seed": 1, "num_inference_steps": 4}}
+    )
+    by_image: dict[int, list[str]] = {}
+    for event in events:
+        by_image.setdefault(event.model_extra["nvext"]["image_index"], []).append(event.type)
+    assert by_image == {
+        0: ["image_generation.partial_image", "image_generation.completed"],
+        1: ["image_generation.partial_image", "image_generation.completed"],
+    }
+
+
+def test_stream_events_are_server_sent_events_on_the_wire(worker_url: str) -> None:
+    body = {"prompt": "p", "stream": True, "partial_images": 1, "nvext": {"num_inference_steps": 4}}
+    with httpx.stream("POST", f"{worker_url}/v1/images/generations", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        text = "".join(response.iter_text())
+    frames = [frame for frame in text.split("\n\n") if frame]
+    assert [frame.splitlines()[0] for frame in frames] == [
+        "event: image_generation.partial_image",
+        "event: image_generation.completed",
+    ]
+    assert (
+        json.loads(frames[1].splitlines()[1].removeprefix("data: "))["type"] == "image_generation.completed"
+    )
+
+
+def test_disconnect_mid_stream_frees_the_pipeline(start_worker: WorkerFactory) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False), max_inference_steps=300)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    stream = client.images.generate(
+        prompt="p",
+        stream=True,
+        partial_images=3,
+        size="256x256",
+        extra_body={"nvext": {"num_inference_steps": 300}},
+    )
+    first = next(iter(stream))
+    assert first.type == "image_generation.partial_image"
+    stream.close()  # the client hangs up after the first preview
+    follow_up = client.images.generate(
+        prompt="q", response_format="b64_json", extra_body={"nvext": {"num_inference_steps": 1}}
+    )
+    assert len(follow_up.data or []) == 1
+    assert engines[0].cancelled_calls == 1
+    assert engines[0].steps_run[0] < 400
+
+
+def test_a_streamed_request_can_share_a_batch(start_worker: WorkerFactory) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=True), max_batch_size=4)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    results: dict[str, Any] = {}
+
+    def plain() -> None:
+        results["plain"] = client.images.generate(
+            prompt="b",
+            response_format="b64_json",
+            extra_body={"nvext": {"seed": 2, "num_inference_steps": 4}},
+        )
+
+    def streamed() -> None:
+        results["streamed"] = stream_events(
+            client, partial_images=2, extra_body={"nvext": {"seed": 3, "num_inference_steps": 4}}
+        )
+
+    blocker = threading.Thread(target=lambda: client.images.generate(prompt="x", response_format="b64_json"))
+    blocker.start()
+    assert engines[0].entered.wait(30)  # the engine is busy; the next two queue up together
+    threads = [threading.Thread(target=plain), threading.Thread(target=streamed)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while "diffusion_worker_queue_images 3.0" not in httpx.get(f"{url}/metrics").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    engines[0].gate.set()
+    for thread in [blocker, *threads]:
+        thread.join(60)
+    assert sorted(engines[0].batches[1].seeds) == [2, 3], "plain and streamed requests shared one call"
+    assert [e.type for e in results["streamed"]].count("image_generation.partial_image") == 2
+    assert len(results["plain"].data) == 1
+
+
+QUALITY_STEPS_WITH_D8 = {
+    "low": 2,
+    "medium": 4,
+    "auto": 8,
+    "standard": 8,
+    "high": 8,
+    "hd": 12,
+    "xhigh": 12,
+    "max": 16,
+}
+
+
+def test_each_quality_maps_to_its_documented_step_count(start_worker: WorkerFactory) -> None:
+    """D = 8 (default steps): low 0.25D, medium 0.5D, auto/standard/high D, hd/xhigh 1.5D, max 2D."""
+    engines: list[ObservedEngine] = []
+    url = start_worker(
+        engine_loader=observed_loader(engines, gated=False), default_inference_steps=8, max_inference_steps=20
+    )
+    for quality in QUALITY_STEPS_WITH_D8:
+        response = httpx.post(
+            f"{url}/v1/images/generations",
+            json={"prompt": "p", "quality": quality, "response_format": "b64_json"},
+        )
+        assert response.status_code == 200
+        assert response.json()["quality"] == quality
+    assert [b.num_inference_steps for b in engines[0].batches] == list(QUALITY_STEPS_WITH_D8.values())
+
+
+def test_quality_steps_never_exceed_the_step_cap(start_worker: WorkerFactory) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(
+        engine_loader=observed_loader(engines, gated=False), default_inference_steps=8, max_inference_steps=10
+    )
+    response = httpx.post(
+        f"{url}/v1/images/generations", json={"prompt": "p", "quality": "max", "response_format": "b64_json"}
+    )
+    assert response.status_code == 200
+    assert engines[0].batches[0].num_inference_steps == 10
+
+
+def test_quality_steps_are_configurable_and_explicit_steps_win(start_worker: WorkerFactory) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False), quality_steps={"low": 3})
+    for body in (
+        {"prompt": "p", "quality": "low"},
+        {"prompt": "p", "quality": "low", "nvext": {"num_inference_steps": 4}},
+    ):
+        assert (
+            httpx.post(
+                f"{url}/v1/images/generations", json={**body, "response_format": "b64_json"}
+            ).status_code
+            == 200
+        )
+    assert [b.num_inference_steps for b in engines[0].batches] == [3, 4]
+
+
+def test_safety_identifier_names_the_storage_folder_and_is_echoed(client: openai.OpenAI) -> None:
+    response = client.images.generate(
+        prompt="p",
+        user="fallback",
+        extra_body={"safety_identifier": "abuse-id-9", "nvext": {"num_inference_steps": 1}},
+    )
+    url = (response.data or [])[0].url
+    assert url is not None and "/users/abuse-id-9/generations/" in url
+    assert response.model_extra is not None and response.model_extra["safety_identifier"] == "abuse-id-9"
+    only_user = client.images.generate(
+        prompt="p", user="u1", extra_body={"nvext": {"num_inference_steps": 1}}
+    )
+    assert only_user.model_extra is not None and only_user.model_extra["safety_identifier"] == "u1"
+
+
+def test_response_echoes_background_and_accepts_opaque_and_moderation(client: openai.OpenAI) -> None:
+    for background in ("auto", "opaque"):
+        response = client.images.generate(
+            prompt="p",
+            background=background,
+            moderation="low",
+            response_format="b64_json",
+            extra_body={"nvext": {"num_inference_steps": 1}},
+        )
+        assert response.background == "opaque"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"background": "transparent"}, "background"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"output_format": "svg"}, "output_format"),
+        ({"svg": {"viewBox": "0 0 1 1"}}, "svg"),
+        ({"frame_count": 4}, "frame_count"),
+        ({"complexity": "high"}, "complexity"),
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+        ({"stream": True, "response_format": "url"}, "response_format"),
+        ({"moderation": "strict"}, "moderation"),
+    ],
+)
+def test_unsupported_values_are_400_naming_the_parameter(
+    worker_url: str, body: dict[str, Any], param: str
+) -> None:
+    response = httpx.post(f"{worker_url}/v1/images/generations", json={"prompt": "p", **body})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
