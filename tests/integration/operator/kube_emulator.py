@@ -21,7 +21,7 @@ semantics instead:
 
 Not emulated (the cluster tier covers them): schema validation, defaulting and CEL admission,
 per-field ownership (lists are atomic for apply, and there are no apply conflicts without force),
-namespace existence, RBAC, admission webhooks, the controllers (no ReplicaSets or Pods: tests patch
+namespace existence (objects may name any namespace), RBAC, admission webhooks, the controllers (no ReplicaSets or Pods: tests patch
 Deployment status themselves), and asynchronous GC (here it runs at once).
 
 Fault injection: every request first meets the kmock DSL, so a test can answer with an error before
@@ -45,6 +45,7 @@ from typing import Any
 import attrs
 import kmock
 import yaml
+from kmock._internal import parsing as kmock_parsing
 
 HISTORY_LIMIT = 5000
 
@@ -83,6 +84,29 @@ BUILTIN_KINDS = [
     Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
          namespaced=False, has_status=True),
 ]  # fmt: skip
+
+
+def _parse_path(path: str) -> kmock_parsing.ParsedPath:
+    """kmock reads /api/v1/namespaces[/NAME] as a namespace prefix; address the Namespace resource instead."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and (
+        len(parts) <= 4 or (len(parts) == 5 and parts[4] in ("status", "finalize"))
+    ):
+        name = parts[3] if len(parts) > 3 else None
+        return kmock_parsing.ParsedPath(
+            "", "v1", "namespaces", None, name, parts[4] if len(parts) > 4 else None
+        )
+    return _kmock_parse_path(path)
+
+
+# kopf needs the namespaces resource (discovery always; list/watch when not cluster-wide).
+_kmock_parse_path = kmock_parsing.parse_path
+kmock_parsing.parse_path = _parse_path
+
+
+def _ok(payload: Any, status: int = 200) -> kmock.Response:
+    """Always name the status: kmock keeps the last Response status on a reaction for later answers."""
+    return kmock.Response(status=status, payload=copy.deepcopy(payload))
 
 
 def api_error(status: int, reason: str, message: str) -> kmock.KubernetesError:
@@ -455,16 +479,18 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
 
     async def _serve_get(self, request: kmock.Request) -> JSON:
         kind = self._kind_of(request)
-        return copy.deepcopy(self._existing(kind, request))
+        return _ok(self._existing(kind, request))
 
     async def _serve_list(self, request: kmock.Request) -> JSON:
         kind = self._kind_of(request)
-        return {
-            "apiVersion": kind.api_version,
-            "kind": kind.kind + "List",
-            "metadata": {"resourceVersion": str(self._revision)},
-            "items": [copy.deepcopy(obj) for obj in self._matching(kind, request)],
-        }
+        return _ok(
+            {
+                "apiVersion": kind.api_version,
+                "kind": kind.kind + "List",
+                "metadata": {"resourceVersion": str(self._revision)},
+                "items": list(self._matching(kind, request)),
+            }
+        )
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         kind = self._kind_of(request)
@@ -512,7 +538,7 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
         if not isinstance(body, dict):
             raise api_error(400, "BadRequest", "the body must be an object")
         obj = self._create(kind, request.namespace, body)
-        return kmock.Response(status=201, payload=copy.deepcopy(obj))
+        return _ok(obj, 201)
 
     async def _serve_patch(self, request: kmock.Request) -> Any:
         kind = self._kind_of(request)
@@ -533,7 +559,7 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
             new = merge_patch(old, body)
         else:
             raise api_error(415, "UnsupportedMediaType", f"unsupported patch type {content_type!r}")
-        return copy.deepcopy(self._update(kind, old, new, request.subresource, "patch"))
+        return _ok(self._update(kind, old, new, request.subresource, "patch"))
 
     def _server_side_apply(
         self, kind: Kind, key: tuple[str, str | None, str], request: kmock.Request, intent: Any
@@ -552,14 +578,14 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
                 raise api_error(404, "NotFound", f'{kind.plural} "{request.name}" not found')
             obj = self._create(kind, request.namespace, intent)
             self._applied[applied_key] = intent
-            return kmock.Response(status=201, payload=copy.deepcopy(obj))
+            return _ok(obj, 201)
         old = self._store[key]
         self._check_precondition(old, intent)
         previous = self._applied.get(applied_key, {})
         stripped = _strip_applied(old, previous, intent)
         new = _apply_merge(stripped, intent)
         self._applied[applied_key] = intent
-        return copy.deepcopy(self._update(kind, old, new, request.subresource, "apply"))
+        return _ok(self._update(kind, old, new, request.subresource, "apply"))
 
     async def _serve_put(self, request: kmock.Request) -> Any:
         kind = self._kind_of(request)
@@ -570,7 +596,7 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
         if not (body.get("metadata") or {}).get("resourceVersion"):
             raise api_error(422, "Invalid", "metadata.resourceVersion: must be specified for an update")
         self._check_precondition(old, body)
-        return copy.deepcopy(self._update(kind, old, body, request.subresource, "update"))
+        return _ok(self._update(kind, old, body, request.subresource, "update"))
 
     async def _serve_delete(self, request: kmock.Request) -> Any:
         kind = self._kind_of(request)
@@ -578,7 +604,7 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
         body = self._body(request) if request.body else None
         policy = request.params.get("propagationPolicy") or (body or {}).get("propagationPolicy")
         self._check_precondition(old, {"metadata": (body or {}).get("preconditions") or {}})
-        return copy.deepcopy(self._delete(kind, self._key(kind, request), orphan=policy == "Orphan"))
+        return _ok(self._delete(kind, self._key(kind, request), orphan=policy == "Orphan"))
 
     # --- direct access for tests (same thread as the server loop, or via EmulatorThread.call) ---
 

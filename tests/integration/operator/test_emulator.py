@@ -275,3 +275,17 @@ def test_injected_faults_answer_before_any_state_change(client: Client, emulator
     emulator.emulator["post", kmock.resource("apps", "v1", "deployments")] << 503
     assert client.post(CMS, deployment()).status_code == 503
     assert client.get(CMS + "/web").status_code == 404
+
+
+def test_namespaces_are_a_cluster_scoped_resource(client: Client) -> None:
+    assert client.post("/api/v1/namespaces", {"metadata": {"name": "team-a"}}).status_code == 201
+    assert client.get("/api/v1/namespaces/team-a").json()["metadata"]["name"] == "team-a"
+    assert [n["metadata"]["name"] for n in client.get("/api/v1/namespaces").json()["items"]] == ["team-a"]
+    assert client.get("/api/v1/namespaces/team-a/services").json()["items"] == []
+
+
+def test_status_codes_stay_per_request_after_a_create(client: Client) -> None:
+    intent = deployment() | {"metadata": {"name": "web", "namespace": "ns"}}
+    assert client.apply(CMS + "/web", intent, manager="op").status_code == 201
+    assert client.merge_patch(CMS + "/web", {"spec": {"replicas": 2}}).status_code == 200
+    assert client.apply(CMS + "/web", intent, manager="op").status_code == 200
