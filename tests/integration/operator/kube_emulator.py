@@ -21,8 +21,9 @@ semantics instead:
 
 Not emulated (the cluster tier covers them): schema validation, defaulting and CEL admission,
 per-field ownership (lists are atomic for apply, and there are no apply conflicts without force),
-namespace existence (objects may name any namespace), RBAC, admission webhooks, the controllers (no ReplicaSets or Pods: tests patch
-Deployment status themselves), and asynchronous GC (here it runs at once).
+namespace existence (objects may name any namespace), RBAC, admission webhooks, the controllers
+(no ReplicaSets or Pods: tests patch Deployment status themselves), and asynchronous GC (here it
+runs at once).
 
 Fault injection: every request first meets the kmock DSL, so a test can answer with an error before
 any state changes, e.g. ``emulator['patch', kmock.resource('apps', 'v1', 'deployments')] << 500``.

@@ -260,7 +260,8 @@ def test_applying_a_crd_serves_its_resource_in_discovery(client: Client) -> None
            "metadata": {"name": "things.example.com"},
            "spec": {"group": "example.com", "scope": "Namespaced",
                     "names": {"plural": "things", "kind": "Thing"},
-                    "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}}}]}}  # fmt: skip
+                    "versions": [{"name": "v1", "served": True, "storage": True,
+                                  "subresources": {"status": {}}}]}}  # fmt: skip
     assert client.get("/apis/example.com/v1/namespaces/ns/things").status_code == 404
     client.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
     resources = client.get("/apis/example.com/v1").json()["resources"]

@@ -82,7 +82,8 @@ class Kubectl:
             "observedGeneration": deployment["metadata"]["generation"],
             "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas,
             "availableReplicas": replicas,
-            "conditions": [{"type": "Available", "status": "True"}, {"type": "Progressing", "status": "True"}],
+            "conditions": [{"type": "Available", "status": "True"},
+                           {"type": "Progressing", "status": "True"}],
         }  # fmt: skip
         path = f"/apis/apps/v1/namespaces/{self.ns}/deployments/{name}/status"
         assert self.client.merge_patch(path, {"status": status}).status_code == 200
