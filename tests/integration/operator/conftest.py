@@ -71,6 +71,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorThread
         kubeconfig.write_text(running.kubeconfig())
         saved = os.environ.get("KUBECONFIG")
         os.environ["KUBECONFIG"] = str(kubeconfig)
+        # kopf logs in through kubernetes.config, whose default path was fixed when it was imported.
+        import kubernetes.config.kube_config as kube_config
+
+        saved_default = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kubeconfig)
         response = Client(running.url).post(
             "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD_PATH.read_text())
         )
@@ -78,6 +83,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorThread
         try:
             yield running
         finally:
+            kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved_default
             if saved is None:
                 os.environ.pop("KUBECONFIG", None)
             else:

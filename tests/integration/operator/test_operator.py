@@ -93,6 +93,20 @@ class Kubectl:
         return items
 
 
+def settle(cluster: EmulatorThread, namespace: str, quiet: float = 1.5, timeout: float = 20) -> None:
+    """Wait until nothing has written in `namespace` for `quiet` seconds (trailing events are done)."""
+    deadline = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len([w for w in cluster.emulator.writes if w[2] == namespace])
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"writes in {namespace} did not settle")
+
+
 def tiny(name: str = "tiny", **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name},
@@ -237,7 +251,7 @@ def test_reapplying_an_unchanged_spec_writes_nothing(kubectl: Kubectl, cluster: 
     wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
     kubectl.mark_deployment_available("tiny", 1)
     wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
-    time.sleep(1.0)  # let any trailing events settle
+    settle(cluster, kubectl.ns)
 
     def versions() -> dict[str, tuple[str, int]]:
         objects = {
@@ -254,9 +268,9 @@ def test_reapplying_an_unchanged_spec_writes_nothing(kubectl: Kubectl, cluster: 
     writes = len(cluster.emulator.writes)
     kubectl.apply(tiny())  # what a GitOps tool does on every sync
     time.sleep(2.0)
-    assert versions() == before
     mine = [w for w in cluster.emulator.writes[writes:] if w[2] == kubectl.ns]
     assert mine == []
+    assert versions() == before
 
 
 def test_operator_restart_resumes_without_writes(
@@ -267,7 +281,7 @@ def test_operator_restart_resumes_without_writes(
     wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
     kubectl.mark_deployment_available("tiny", 1)
     wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
-    time.sleep(1.0)
+    settle(cluster, namespace)
     operator.stop()
     writes = len(cluster.emulator.writes)
     second = OperatorThread().start()
