@@ -1,0 +1,169 @@
+"""One reconcile pass: render the children, apply those that differ, observe them, compute the status."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from diffusion_operator import constants as c
+from diffusion_operator.kube import ApiError, KubeApi
+from diffusion_operator.render import Manifest, model_cache_name, render_children
+from diffusion_operator.spec import InvalidSpecError, Meta, parse_spec
+from diffusion_operator.status import (
+    Observed,
+    Verdict,
+    build_status,
+    invalid_verdict,
+    judge,
+    now_iso,
+    status_delta,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the ImageDiffusionService."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a pass decided: the status keys to write, events to post, and whether the spec is unusable."""
+
+    status_delta: dict[str, Any]
+    events: list[Event]
+    invalid: str | None = None
+
+
+def meta_from_body(body: Mapping[str, Any]) -> Meta:
+    """The identity of an ImageDiffusionService from its body."""
+    metadata = body["metadata"]
+    return Meta(
+        name=metadata["name"],
+        namespace=metadata["namespace"],
+        uid=metadata["uid"],
+        generation=int(metadata.get("generation") or 1),
+    )
+
+
+def is_subset(want: Any, have: Any) -> bool:
+    """Whether every field of `want` is present and equal in `have` (the server may add defaults)."""
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(k in have and is_subset(v, have[k]) for k, v in want.items())
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(want) == len(have)
+            and all(is_subset(w, h) for w, h in zip(want, have, strict=True))
+        )
+    return bool(want == have)
+
+
+def needs_apply(desired: Manifest, live: Mapping[str, Any] | None) -> bool:
+    """Apply when the child is missing, was rendered differently, or was edited by hand.
+
+    The hash catches fields we stopped setting (SSA then removes them); the subset check catches drift.
+    """
+    if live is None:
+        return True
+    live_hash = (live.get("metadata", {}).get("annotations") or {}).get(c.ANNOTATION_APPLIED_HASH)
+    if live_hash != desired["metadata"]["annotations"][c.ANNOTATION_APPLIED_HASH]:
+        return True
+    return not is_subset(desired, live)
+
+
+def _previous_conditions(body: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {cond.get("type", ""): cond for cond in (body.get("status") or {}).get("conditions") or ()}
+
+
+def _stalled_with(body: Mapping[str, Any], reason: str, message: str) -> bool:
+    stalled = _previous_conditions(body).get(c.CONDITION_STALLED) or {}
+    return (
+        stalled.get("status") == "True"
+        and stalled.get("reason") == reason
+        and stalled.get("message") == message
+    )
+
+
+def _observe(api: KubeApi, meta: Meta) -> Observed:
+    return Observed(
+        deployment=api.get("apps/v1", "Deployment", meta.namespace, meta.name),
+        model_cache=api.get("v1", "PersistentVolumeClaim", meta.namespace, model_cache_name(meta.name)),
+    )
+
+
+def apply_children(api: KubeApi, children: list[Manifest]) -> tuple[dict[str, dict[str, Any]], list[Event]]:
+    """Apply the children that need it; return each child as the server now has it, and what changed.
+
+    A transient API error propagates (the caller retries); a rejection (4xx) becomes ApiError too.
+    """
+    lives: dict[str, dict[str, Any]] = {}
+    events: list[Event] = []
+    for child in children:
+        kind, meta = child["kind"], child["metadata"]
+        live = api.get(child["apiVersion"], kind, meta["namespace"], meta["name"])
+        if needs_apply(child, live):
+            applied = api.apply(child)
+            verb = "Created" if live is None else "Updated"
+            reason = c.REASON_CREATED if live is None else c.REASON_UPDATED
+            logger.info("%s %s %s/%s", verb, kind, meta["namespace"], meta["name"])
+            events.append(Event("Normal", reason, f"{verb} {kind} {meta['name']}"))
+            live = applied
+        assert live is not None
+        lives[kind] = live
+    return lives, events
+
+
+def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str) -> Outcome:
+    """Bring the children of one ImageDiffusionService to its spec and say what its status should be."""
+    meta = meta_from_body(body)
+    previous = body.get("status") or {}
+    now = now_iso()
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except InvalidSpecError as exc:
+        message = str(exc)
+        # Existing children keep serving the last good spec; a new service gets none.
+        observed = _observe(api, meta)
+        status = build_status(meta, invalid_verdict(message), previous, spec=None, observed=observed, now=now)
+        events = (
+            []
+            if _stalled_with(body, c.REASON_INVALID_SPEC, message)
+            else [Event("Warning", c.REASON_INVALID_SPEC, message)]
+        )
+        return Outcome(status_delta(previous, status), events, invalid=message)
+
+    try:
+        lives, events = apply_children(api, render_children(spec, meta, default_image))
+    except ApiError as exc:
+        if exc.transient:
+            raise
+        # The server rejected a child (e.g. a PVC shrink): it will not fix itself.
+        message = f"the API server rejected a child: {exc.message}"
+        verdict = Verdict(
+            ready=(False, c.REASON_APPLY_FAILED, message),
+            reconciling=(False, c.REASON_APPLY_FAILED, message),
+            stalled=(True, c.REASON_APPLY_FAILED, message),
+        )
+        status = build_status(meta, verdict, previous, spec=spec, observed=_observe(api, meta), now=now)
+        failed = (
+            []
+            if _stalled_with(body, c.REASON_APPLY_FAILED, message)
+            else [Event("Warning", c.REASON_APPLY_FAILED, message)]
+        )
+        return Outcome(status_delta(previous, status), failed)
+
+    observed = Observed(deployment=lives.get("Deployment"), model_cache=lives.get("PersistentVolumeClaim"))
+    verdict = judge(spec, meta, observed)
+    status = build_status(meta, verdict, previous, spec=spec, observed=observed, now=now)
+    was_ready = (_previous_conditions(body).get(c.CONDITION_READY) or {}).get("status") == "True"
+    if verdict.ready[0] and not was_ready:
+        events.append(Event("Normal", verdict.ready[1], f"ready at {status['endpoint']}: {verdict.ready[2]}"))
+    return Outcome(status_delta(previous, status), events)

@@ -1,0 +1,308 @@
+"""Pure rendering: ServiceSpec + Meta -> the Deployment, Service and PVC manifests (no client, no I/O)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from diffusion_operator import constants as c
+from diffusion_operator.spec import Meta, ServiceSpec
+
+Manifest = dict[str, Any]
+
+
+def model_cache_name(name: str) -> str:
+    """Name of the model-cache PVC of service `name`."""
+    return name + c.MODEL_CACHE_SUFFIX
+
+
+def endpoint(spec: ServiceSpec, meta: Meta) -> str:
+    """In-cluster base URL of the OpenAI images API."""
+    return f"http://{meta.name}.{meta.namespace}.svc:{spec.service.port}/v1"
+
+
+def selector_labels(meta: Meta) -> dict[str, str]:
+    """Labels that select the worker pods; fixed for the life of the Deployment (selectors are immutable)."""
+    return {c.LABEL_NAME: c.WORKER_APP_NAME, c.LABEL_INSTANCE: meta.name}
+
+
+def selector_string(meta: Meta) -> str:
+    """selector_labels as a label-selector string (status.selector, for the scale subresource)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(meta).items()))
+
+
+def child_labels(meta: Meta) -> dict[str, str]:
+    """app.kubernetes.io/* labels on every child and pod."""
+    return {
+        **selector_labels(meta),
+        c.LABEL_COMPONENT: c.WORKER_COMPONENT,
+        c.LABEL_PART_OF: c.OPERATOR_NAME,
+        c.LABEL_MANAGED_BY: c.OPERATOR_NAME,
+    }
+
+
+def owner_reference(meta: Meta) -> dict[str, Any]:
+    """Makes a child garbage-collected with its ImageDiffusionService."""
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND,
+        "name": meta.name,
+        "uid": meta.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(name: str, meta: Meta, *, owned: bool = True) -> dict[str, Any]:
+    result: dict[str, Any] = {"name": name, "namespace": meta.namespace, "labels": child_labels(meta)}
+    if owned:
+        result["ownerReferences"] = [owner_reference(meta)]
+    return result
+
+
+def content_hash(value: Any) -> str:
+    """Stable short hash of JSON-like data."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def worker_args(spec: ServiceSpec) -> list[str]:
+    """`serve` and its flags; only set fields become flags, so unset ones keep worker defaults."""
+    flags: list[tuple[str, Any]] = [
+        ("--model", spec.model.source),
+        ("--revision", spec.model.revision),
+        ("--dtype", spec.model.dtype),
+        ("--served-model-name", spec.model.served_name),
+        ("--pipeline", spec.model.pipeline),
+    ]
+    if spec.storage is not None:
+        flags += [
+            ("--storage-url", spec.storage.url),
+            ("--public-base-url", spec.storage.public_base_url),
+            ("--url-expiry-seconds", spec.storage.url_expiry_seconds),
+        ]
+    flags += [
+        ("--max-inference-steps", spec.limits.max_inference_steps),
+        ("--max-images-per-request", spec.limits.max_images_per_request),
+        ("--max-pixels", spec.limits.max_pixels),
+        ("--max-batch-size", spec.limits.max_batch_size),
+        ("--max-queue", spec.limits.max_queue),
+        ("--default-inference-steps", spec.defaults.inference_steps),
+        ("--default-guidance-scale", spec.defaults.guidance_scale),
+        ("--default-size", spec.defaults.size),
+    ]
+    if spec.parallelism.data_parallel != 1:
+        flags.append(("--data-parallel-size", spec.parallelism.data_parallel))
+    if spec.parallelism.context_parallel != 1:
+        flags.append(("--context-parallel-size", spec.parallelism.context_parallel))
+    flags += [("--host", "0.0.0.0"), ("--port", c.WORKER_PORT), ("--cache-dir", c.MODEL_CACHE_MOUNT)]
+    args = ["serve"]
+    for flag, value in flags:
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def worker_env(spec: ServiceSpec) -> list[dict[str, Any]]:
+    """Container env: writable cache dirs, Secret references (never their contents), then spec.pod.env."""
+    env: list[dict[str, Any]] = [
+        # The root filesystem is read-only: libraries that write under $HOME or ~/.cache write to /tmp.
+        {"name": "HOME", "value": c.TMP_MOUNT},
+        {"name": "XDG_CACHE_HOME", "value": f"{c.TMP_MOUNT}/.cache"},
+        {"name": "HF_HOME", "value": f"{c.MODEL_CACHE_MOUNT}/huggingface"},
+    ]
+    if spec.api_key_secret is not None:
+        env.append(
+            {
+                "name": c.ENV_API_KEY,
+                "valueFrom": {
+                    "secretKeyRef": {"name": spec.api_key_secret.name, "key": spec.api_key_secret.key}
+                },
+            }
+        )
+    if spec.model.token_secret is not None:
+        env.append(
+            {
+                "name": c.ENV_HF_TOKEN,
+                "valueFrom": {
+                    "secretKeyRef": {"name": spec.model.token_secret.name, "key": spec.model.token_secret.key}
+                },
+            }
+        )
+    env += [copy.deepcopy(dict(item)) for item in spec.pod.env]
+    return env
+
+
+def worker_resources(spec: ServiceSpec) -> dict[str, Any]:
+    """Container resources: spec.resources.requests/limits plus `<gpuResourceName>: gpus` when gpus > 0."""
+    limits: dict[str, Any] = dict(spec.resources.limits)
+    if spec.resources.gpus > 0:
+        limits[spec.resources.gpu_resource_name] = str(spec.resources.gpus)
+    result: dict[str, Any] = {}
+    if spec.resources.requests:
+        result["requests"] = dict(spec.resources.requests)
+    if limits:
+        result["limits"] = limits
+    return result
+
+
+def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": c.WORKER_PORT_NAME},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def worker_container(spec: ServiceSpec, image: str) -> dict[str, Any]:
+    """The worker container of the pod template."""
+    container: dict[str, Any] = {
+        "name": c.WORKER_CONTAINER_NAME,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": list(c.WORKER_COMMAND),
+        "args": worker_args(spec),
+        "ports": [{"name": c.WORKER_PORT_NAME, "containerPort": c.WORKER_PORT, "protocol": "TCP"}],
+        "env": worker_env(spec),
+        # /ready answers 200 once the pipeline is loaded; big models may take many minutes to download.
+        "startupProbe": _probe(
+            c.READY_PATH,
+            period=c.STARTUP_PROBE_PERIOD_SECONDS,
+            failures=c.STARTUP_BUDGET_SECONDS // c.STARTUP_PROBE_PERIOD_SECONDS,
+        ),
+        "readinessProbe": _probe(c.READY_PATH, period=5, failures=3),
+        "livenessProbe": _probe(c.HEALTH_PATH, period=10, failures=6),
+        "volumeMounts": [
+            {"name": "model-cache", "mountPath": c.MODEL_CACHE_MOUNT},
+            {"name": "tmp", "mountPath": c.TMP_MOUNT},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if spec.storage is not None and spec.storage.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.storage.credentials_secret}}]
+    resources = worker_resources(spec)
+    if resources:
+        container["resources"] = resources
+    if spec.needs_shared_memory:
+        container["volumeMounts"].append({"name": "shm", "mountPath": c.SHM_MOUNT})
+    return container
+
+
+def render_pod_template(spec: ServiceSpec, meta: Meta, image: str) -> dict[str, Any]:
+    """The Deployment's pod template, with a config hash annotation that changes whenever the pod would."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "model-cache", "persistentVolumeClaim": {"claimName": model_cache_name(meta.name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if spec.needs_shared_memory:
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+    pod_spec: dict[str, Any] = {
+        "containers": [worker_container(spec, image)],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": c.TERMINATION_GRACE_SECONDS,
+        "enableServiceLinks": False,
+        # Lets a non-root worker write the model-cache volume whatever its uid.
+        "securityContext": {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"},
+    }
+    if spec.pod.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.pod.node_selector)
+    if spec.pod.tolerations:
+        pod_spec["tolerations"] = [copy.deepcopy(dict(t)) for t in spec.pod.tolerations]
+    if spec.pod.affinity:
+        pod_spec["affinity"] = copy.deepcopy(dict(spec.pod.affinity))
+    if spec.pod.priority_class_name:
+        pod_spec["priorityClassName"] = spec.pod.priority_class_name
+    labels = child_labels(meta)
+    config_hash = content_hash(
+        {"labels": labels, "annotations": dict(spec.pod.annotations), "spec": pod_spec}
+    )
+    return {
+        "metadata": {
+            "labels": labels,
+            "annotations": {**spec.pod.annotations, c.ANNOTATION_CONFIG_HASH: config_hash},
+        },
+        "spec": pod_spec,
+    }
+
+
+def render_deployment(spec: ServiceSpec, meta: Meta, default_image: str = c.DEFAULT_WORKER_IMAGE) -> Manifest:
+    """The worker Deployment; spec.image wins over the operator's default image."""
+    image = spec.image or default_image
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(meta.name, meta),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(meta)},
+            # maxSurge 0: an update never needs a spare GPU, and a ReadWriteOnce cache is released first.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "progressDeadlineSeconds": c.STARTUP_BUDGET_SECONDS + 600,
+            "revisionHistoryLimit": 3,
+            "template": render_pod_template(spec, meta, image),
+        },
+    }
+
+
+def render_service(spec: ServiceSpec, meta: Meta) -> Manifest:
+    """The Service in front of the worker pods (port `http`)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(meta.name, meta),
+        "spec": {
+            "type": spec.service.type,
+            "selector": selector_labels(meta),
+            "ports": [
+                {
+                    "name": c.WORKER_PORT_NAME,
+                    "port": spec.service.port,
+                    "targetPort": c.WORKER_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def render_model_cache_pvc(spec: ServiceSpec, meta: Meta) -> Manifest:
+    """The model-cache PVC; without an owner reference when modelCache.retainOnDelete is true."""
+    pvc_spec: dict[str, Any] = {
+        "accessModes": list(spec.model_cache.access_modes),
+        "resources": {"requests": {"storage": spec.model_cache.size}},
+    }
+    if spec.model_cache.storage_class_name:
+        pvc_spec["storageClassName"] = spec.model_cache.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(model_cache_name(meta.name), meta, owned=not spec.model_cache.retain_on_delete),
+        "spec": pvc_spec,
+    }
+
+
+def with_applied_hash(manifest: Mapping[str, Any]) -> Manifest:
+    """A copy of `manifest` annotated with the hash of its own content (see ANNOTATION_APPLIED_HASH)."""
+    result = copy.deepcopy(dict(manifest))
+    annotations = result["metadata"].setdefault("annotations", {})
+    annotations.pop(c.ANNOTATION_APPLIED_HASH, None)
+    annotations[c.ANNOTATION_APPLIED_HASH] = content_hash(result)
+    return result
+
+
+def render_children(
+    spec: ServiceSpec, meta: Meta, default_image: str = c.DEFAULT_WORKER_IMAGE
+) -> list[Manifest]:
+    """Every child, in apply order (the PVC before the pods that mount it), hash-annotated."""
+    return [
+        with_applied_hash(render_model_cache_pvc(spec, meta)),
+        with_applied_hash(render_deployment(spec, meta, default_image)),
+        with_applied_hash(render_service(spec, meta)),
+    ]

@@ -1,0 +1,172 @@
+"""Pure status computation: conditions (Ready, Reconciling, Stalled) from what the children report."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from diffusion_operator import constants as c
+from diffusion_operator.render import endpoint, selector_string
+from diffusion_operator.spec import Meta, ServiceSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """The children as the API server last reported them (None: absent)."""
+
+    deployment: Mapping[str, Any] | None = None
+    model_cache: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Status of each condition type, with reason and message."""
+
+    ready: tuple[bool, str, str]
+    reconciling: tuple[bool, str, str]
+    stalled: tuple[bool, str, str]
+
+
+def now_iso() -> str:
+    """Current UTC time in the API's RFC 3339 form, to the second."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
+    for condition in deployment.get("status", {}).get("conditions") or ():
+        if condition.get("type") == type_:
+            return dict(condition)
+    return {}
+
+
+def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
+    """The three conditions for a valid spec (kstatus: Reconciling until available at this generation)."""
+    cache = observed.model_cache
+    if cache is not None and cache.get("status", {}).get("phase") == "Lost":
+        message = (
+            f"PersistentVolumeClaim {cache['metadata']['name']} lost its volume; recreate it or its volume"
+        )
+        return Verdict(
+            ready=(False, c.REASON_MODEL_CACHE_UNBOUND, message),
+            reconciling=(False, c.REASON_MODEL_CACHE_UNBOUND, message),
+            stalled=(True, c.REASON_MODEL_CACHE_UNBOUND, message),
+        )
+    deployment = observed.deployment
+    if deployment is None:
+        message = "creating the worker Deployment"
+        return Verdict(
+            ready=(False, c.REASON_PROGRESSING, message),
+            reconciling=(True, c.REASON_PROGRESSING, message),
+            stalled=(False, c.REASON_AS_EXPECTED, ""),
+        )
+    status = deployment.get("status") or {}
+    progressing = _deployment_condition(deployment, "Progressing")
+    if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+        message = f"worker rollout stalled: {progressing.get('message', 'progress deadline exceeded')}"
+        return Verdict(
+            ready=(False, c.REASON_ROLLOUT_STALLED, message),
+            reconciling=(False, c.REASON_ROLLOUT_STALLED, message),
+            stalled=(True, c.REASON_ROLLOUT_STALLED, message),
+        )
+    desired = spec.replicas
+    observed_current = int(status.get("observedGeneration", 0)) >= int(
+        deployment["metadata"].get("generation", 1)
+    )
+    total = int(status.get("replicas", 0))
+    updated = int(status.get("updatedReplicas", 0))
+    ready = int(status.get("readyReplicas", 0))
+    available = int(status.get("availableReplicas", 0))
+    no_old_pods = total == updated
+    if desired == 0:
+        if observed_current and total == 0:
+            return Verdict(
+                ready=(True, c.REASON_SCALED_TO_ZERO, "replicas is 0: no worker pods run"),
+                reconciling=(False, c.REASON_RECONCILED, ""),
+                stalled=(False, c.REASON_AS_EXPECTED, ""),
+            )
+        message = f"scaling down: {total} worker pods left"
+    else:
+        rolled_out = observed_current and updated >= desired and no_old_pods and available >= desired
+        available_condition = _deployment_condition(deployment, "Available").get("status") == "True"
+        if rolled_out and available_condition:
+            return Verdict(
+                ready=(True, c.REASON_AVAILABLE, f"{ready}/{desired} worker pods ready"),
+                reconciling=(False, c.REASON_RECONCILED, ""),
+                stalled=(False, c.REASON_AS_EXPECTED, ""),
+            )
+        message = f"rolling out: {updated}/{desired} worker pods updated, {available} available"
+    return Verdict(
+        ready=(False, c.REASON_ROLLING_OUT, message),
+        reconciling=(True, c.REASON_ROLLING_OUT, message),
+        stalled=(False, c.REASON_AS_EXPECTED, ""),
+    )
+
+
+def invalid_verdict(message: str) -> Verdict:
+    """The spec cannot be served until someone changes it."""
+    return Verdict(
+        ready=(False, c.REASON_INVALID_SPEC, message),
+        reconciling=(False, c.REASON_INVALID_SPEC, message),
+        stalled=(True, c.REASON_INVALID_SPEC, message),
+    )
+
+
+def merge_condition(
+    previous: Sequence[Mapping[str, Any]],
+    type_: str,
+    value: tuple[bool, str, str],
+    generation: int,
+    now: str,
+) -> dict[str, Any]:
+    """A metav1.Condition; lastTransitionTime is kept unless the status flips."""
+    status = "True" if value[0] else "False"
+    old = next((cond for cond in previous if cond.get("type") == type_), None)
+    transition = (
+        old["lastTransitionTime"]
+        if old and old.get("status") == status and old.get("lastTransitionTime")
+        else now
+    )
+    return {
+        "type": type_,
+        "status": status,
+        "reason": value[1],
+        "message": value[2],
+        "lastTransitionTime": transition,
+        "observedGeneration": generation,
+    }
+
+
+def build_status(
+    meta: Meta,
+    verdict: Verdict,
+    previous: Mapping[str, Any],
+    *,
+    spec: ServiceSpec | None,
+    observed: Observed,
+    now: str,
+) -> dict[str, Any]:
+    """The whole status for this pass (spec None: invalid, so no endpoint is advertised anew)."""
+    conditions = previous.get("conditions") or []
+    result: dict[str, Any] = {
+        "observedGeneration": meta.generation,
+        "conditions": [
+            merge_condition(conditions, c.CONDITION_READY, verdict.ready, meta.generation, now),
+            merge_condition(conditions, c.CONDITION_RECONCILING, verdict.reconciling, meta.generation, now),
+            merge_condition(conditions, c.CONDITION_STALLED, verdict.stalled, meta.generation, now),
+        ],
+    }
+    deployment_status = (observed.deployment or {}).get("status") or {}
+    result["replicas"] = int(deployment_status.get("replicas", 0))
+    result["readyReplicas"] = int(deployment_status.get("readyReplicas", 0))
+    if spec is not None:
+        result["endpoint"] = endpoint(spec, meta)
+        result["servedModel"] = spec.served_model
+        result["selector"] = selector_string(meta)
+    return result
+
+
+def status_delta(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level status keys whose value changes (empty: nothing to write)."""
+    return {key: value for key, value in desired.items() if current.get(key) != value}

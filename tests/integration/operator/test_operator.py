@@ -1,0 +1,295 @@
+"""The real operator (kopf, `run_operator`) against the API emulator: the issue's scenarios end to end.
+
+Emulated instead of real: kube-apiserver (KubeApiEmulator over HTTP; kopf and the operator's client
+talk to it through a kubeconfig), and the Deployment controller (no Pods run: tests patch the
+Deployment's status as the controller would). Schema defaulting/CEL admission is not emulated, so
+manifests are sent with the CRD's defaults already applied where the operator reads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Client, OperatorThread
+from kube_emulator import EmulatorThread
+
+from diffusion_operator import constants as c
+
+pytestmark = pytest.mark.integration
+
+SAMPLES = sorted((Path(__file__).resolve().parents[3] / "crds" / "samples").glob("*.yaml"))
+IDS = "/apis/imagediffusion.dev/v1alpha1/namespaces/{ns}/imagediffusionservices"
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 20) -> Any:
+    """Poll until probe() returns something truthy (the operator works asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Kubectl:
+    """What a user or a GitOps tool does, over HTTP."""
+
+    def __init__(self, cluster: EmulatorThread, namespace: str) -> None:
+        self.client = Client(cluster.url)
+        self.ns = namespace
+
+    def ids_path(self, name: str = "") -> str:
+        return IDS.format(ns=self.ns) + (f"/{name}" if name else "")
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        manifest = copy.deepcopy(manifest)
+        manifest["metadata"]["namespace"] = self.ns
+        response = self.client.apply(self.ids_path(manifest["metadata"]["name"]), manifest, manager="kubectl")
+        assert response.status_code in (200, 201), response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        response = self.client.get(path)
+        return response.json() if response.status_code == 200 else None
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        return self.get(self.ids_path(name))
+
+    def child(self, kind: str, name: str) -> dict[str, Any] | None:
+        prefix = "/apis/apps/v1" if kind == "deployments" else "/api/v1"
+        return self.get(f"{prefix}/namespaces/{self.ns}/{kind}/{name}")
+
+    def condition(self, name: str, type_: str) -> dict[str, Any] | None:
+        service = self.service(name) or {}
+        return next(
+            (cond for cond in service.get("status", {}).get("conditions", []) if cond["type"] == type_), None
+        )
+
+    def mark_deployment_available(self, name: str, replicas: int) -> None:
+        """Do what the Deployment controller does once the pods are ready."""
+        deployment = self.child("deployments", name)
+        assert deployment is not None
+        status = {
+            "observedGeneration": deployment["metadata"]["generation"],
+            "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas,
+            "availableReplicas": replicas,
+            "conditions": [{"type": "Available", "status": "True"},
+                           {"type": "Progressing", "status": "True"}],
+        }  # fmt: skip
+        path = f"/apis/apps/v1/namespaces/{self.ns}/deployments/{name}/status"
+        assert self.client.merge_patch(path, {"status": status}).status_code == 200
+
+    def events(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.client.get(f"/api/v1/namespaces/{self.ns}/events").json()["items"]
+        return items
+
+
+def settle(cluster: EmulatorThread, namespace: str, quiet: float = 1.5, timeout: float = 20) -> None:
+    """Wait until nothing has written in `namespace` for `quiet` seconds (trailing events are done)."""
+    deadline = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len([w for w in cluster.emulator.writes if w[2] == namespace])
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"writes in {namespace} did not settle")
+
+
+def tiny(name: str = "tiny", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name},
+        "spec": {"model": {"id": "builtin:tiny-sd"}, "resources": {"gpus": 0}, **spec},
+    }  # fmt: skip
+
+
+@pytest.fixture
+def kubectl(cluster: EmulatorThread, operator: OperatorThread, namespace: str) -> Kubectl:
+    return Kubectl(cluster, namespace)
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_each_sample_gets_its_children_with_the_right_fields(kubectl: Kubectl, path: Path) -> None:
+    sample = yaml.safe_load(path.read_text())
+    name = sample["metadata"]["name"]
+    kubectl.apply(sample)
+    deployment = wait_for("the Deployment", lambda: kubectl.child("deployments", name))
+    service = wait_for("the Service", lambda: kubectl.child("services", name))
+    pvc = wait_for("the PVC", lambda: kubectl.child("persistentvolumeclaims", name + "-model-cache"))
+    owner_uid = kubectl.service(name)["metadata"]["uid"]  # type: ignore[index]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.test/worker:dev"  # the operator's DIFFUSION_OPERATOR_WORKER_IMAGE
+    model = sample["spec"]["model"]
+    assert container["args"][container["args"].index("--model") + 1] == model["id"]
+    gpus = sample["spec"]["resources"]["gpus"]
+    assert container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") == (
+        str(gpus) if gpus else None
+    )
+    assert deployment["spec"]["replicas"] == sample["spec"].get("replicas", 1)
+    assert service["spec"]["ports"][0]["name"] == "http"
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == owner_uid
+    assert service["metadata"]["ownerReferences"][0]["uid"] == owner_uid
+    retained = sample["spec"].get("modelCache", {}).get("retainOnDelete", False)
+    assert ("ownerReferences" in pvc["metadata"]) is not retained
+    status = wait_for("status", lambda: (kubectl.service(name) or {}).get("status", {}).get("endpoint"))
+    assert status == f"http://{name}.{kubectl.ns}.svc:8000/v1"
+
+
+def test_status_goes_from_reconciling_to_ready_when_the_deployment_is_available(kubectl: Kubectl) -> None:
+    kubectl.apply(tiny())
+    reconciling = wait_for("Reconciling=True", lambda: kubectl.condition("tiny", "Reconciling"))
+    assert reconciling["status"] == "True"
+    assert kubectl.condition("tiny", "Ready")["status"] == "False"  # type: ignore[index]
+    assert kubectl.service("tiny")["status"]["observedGeneration"] == 1  # type: ignore[index]
+    kubectl.mark_deployment_available("tiny", 1)
+    wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
+    service = kubectl.service("tiny")
+    assert service is not None
+    assert kubectl.condition("tiny", "Reconciling")["status"] == "False"  # type: ignore[index]
+    assert kubectl.condition("tiny", "Stalled")["status"] == "False"  # type: ignore[index]
+    assert service["status"]["readyReplicas"] == 1 and service["status"]["servedModel"] == "builtin:tiny-sd"
+    reasons = {event["reason"] for event in kubectl.events()}
+    assert {"Created", "Available"} <= reasons
+
+
+def test_spec_change_rolls_the_deployment_and_advances_observed_generation(kubectl: Kubectl) -> None:
+    kubectl.apply(tiny())
+    wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
+    kubectl.mark_deployment_available("tiny", 1)
+    wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
+    ready_since = kubectl.condition("tiny", "Ready")["lastTransitionTime"]  # type: ignore[index]
+    before = kubectl.child("deployments", "tiny")["spec"]["template"]["metadata"]["annotations"]  # type: ignore[index]
+
+    kubectl.apply(tiny(replicas=3, resources={"gpus": 2}, parallelism={"dataParallel": 2},
+                       modelCache={"accessModes": ["ReadWriteMany"]}))  # fmt: skip
+
+    def followed() -> dict[str, Any] | None:
+        deployment = kubectl.child("deployments", "tiny")
+        return deployment if deployment and deployment["spec"]["replicas"] == 3 else None
+
+    deployment = wait_for("the Deployment to follow", followed)
+    limits = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "2"
+    after = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert after[c.ANNOTATION_CONFIG_HASH] != before[c.ANNOTATION_CONFIG_HASH]
+    wait_for("observedGeneration 2", lambda: kubectl.service("tiny")["status"]["observedGeneration"] == 2)  # type: ignore[index]
+    wait_for("Ready=False", lambda: kubectl.condition("tiny", "Ready")["status"] == "False")  # type: ignore[index]
+    assert kubectl.condition("tiny", "Reconciling")["status"] == "True"  # type: ignore[index]
+    kubectl.mark_deployment_available("tiny", 3)
+    ready = wait_for(
+        "Ready=True again", lambda: (c := kubectl.condition("tiny", "Ready")) and c["status"] == "True" and c
+    )
+    assert ready["lastTransitionTime"] >= ready_since
+
+
+def test_a_deleted_child_is_restored(kubectl: Kubectl) -> None:
+    kubectl.apply(tiny())
+    first = wait_for("the Service", lambda: kubectl.child("services", "tiny"))
+    assert kubectl.client.delete(f"/api/v1/namespaces/{kubectl.ns}/services/tiny").status_code == 200
+    restored = wait_for(
+        "the Service back",
+        lambda: (
+            (s := kubectl.child("services", "tiny"))
+            and s["metadata"]["uid"] != first["metadata"]["uid"]
+            and s
+        ),
+        timeout=10,
+    )
+    assert restored["spec"]["ports"][0]["port"] == 8000
+
+
+def test_a_child_edited_by_hand_is_restored(kubectl: Kubectl) -> None:
+    kubectl.apply(tiny())
+    wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
+    path = f"/apis/apps/v1/namespaces/{kubectl.ns}/deployments/tiny"
+    kubectl.client.merge_patch(path, {"spec": {"replicas": 5}})
+    wait_for(
+        "replicas restored", lambda: kubectl.child("deployments", "tiny")["spec"]["replicas"] == 1, timeout=10
+    )  # type: ignore[index]
+
+
+def test_deleting_the_service_collects_children_but_keeps_a_retained_cache(kubectl: Kubectl) -> None:
+    kubectl.apply(tiny("gone"))
+    kubectl.apply(tiny("kept", modelCache={"retainOnDelete": True}))
+    for name in ("gone", "kept"):
+        wait_for("children", lambda n=name: kubectl.child("services", n))  # type: ignore[misc]
+        wait_for("the PVC", lambda n=name: kubectl.child("persistentvolumeclaims", n + "-model-cache"))  # type: ignore[misc]
+    for name in ("gone", "kept"):
+        assert kubectl.client.delete(kubectl.ids_path(name)).status_code == 200
+    wait_for("collection", lambda: kubectl.service("gone") is None and kubectl.service("kept") is None)
+    for name in ("gone", "kept"):
+        assert kubectl.child("deployments", name) is None
+        assert kubectl.child("services", name) is None
+    assert kubectl.child("persistentvolumeclaims", "gone-model-cache") is None
+    assert kubectl.child("persistentvolumeclaims", "kept-model-cache") is not None
+
+
+def test_unknown_pipeline_is_stalled_with_an_event_and_no_children(kubectl: Kubectl) -> None:
+    kubectl.apply(tiny("odd", model={"id": "x/y", "pipeline": "NotARealPipeline"}))
+    stalled = wait_for("Stalled=True", lambda: kubectl.condition("odd", "Stalled"))
+    assert (stalled["status"], stalled["reason"]) == ("True", "InvalidSpec")
+    assert "NotARealPipeline" in stalled["message"]
+    assert kubectl.condition("odd", "Ready")["status"] == "False"  # type: ignore[index]
+    wait_for("the InvalidSpec event", lambda: any(e["reason"] == "InvalidSpec" for e in kubectl.events()))
+    time.sleep(0.5)
+    assert kubectl.child("deployments", "odd") is None and kubectl.child("services", "odd") is None
+
+
+def test_reapplying_an_unchanged_spec_writes_nothing(kubectl: Kubectl, cluster: EmulatorThread) -> None:
+    kubectl.apply(tiny())
+    wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
+    kubectl.mark_deployment_available("tiny", 1)
+    wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
+    settle(cluster, kubectl.ns)
+
+    def versions() -> dict[str, tuple[str, int]]:
+        objects = {
+            "ids": kubectl.service("tiny"),
+            "deployment": kubectl.child("deployments", "tiny"),
+            "service": kubectl.child("services", "tiny"),
+            "pvc": kubectl.child("persistentvolumeclaims", "tiny-model-cache"),
+        }
+        return {
+            k: (o["metadata"]["resourceVersion"], o["metadata"]["generation"]) for k, o in objects.items()
+        }  # type: ignore[index]
+
+    before = versions()
+    writes = len(cluster.emulator.writes)
+    kubectl.apply(tiny())  # what a GitOps tool does on every sync
+    time.sleep(2.0)
+    mine = [w for w in cluster.emulator.writes[writes:] if w[2] == kubectl.ns]
+    assert mine == []
+    assert versions() == before
+
+
+def test_operator_restart_resumes_without_writes(
+    cluster: EmulatorThread, operator: OperatorThread, namespace: str
+) -> None:
+    kubectl = Kubectl(cluster, namespace)
+    kubectl.apply(tiny())
+    wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
+    kubectl.mark_deployment_available("tiny", 1)
+    wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
+    settle(cluster, namespace)
+    operator.stop()
+    writes = len(cluster.emulator.writes)
+    second = OperatorThread().start()
+    try:
+        time.sleep(3.0)
+    finally:
+        second.stop()
+    mine = [w for w in cluster.emulator.writes[writes:] if w[2] == namespace and w[1] != "/v1/events"]
+    assert mine == []
+    operator.__init__()  # type: ignore[misc]
+    operator.start()  # later tests in this module keep an operator

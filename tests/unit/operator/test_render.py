@@ -1,0 +1,250 @@
+"""Render: pure functions from spec to manifests; args are checked with the worker's own parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from idsvc_schema import SAMPLES, apply_defaults, load_sample, load_schema
+
+from diffusion_operator import constants as c
+from diffusion_operator.render import (
+    endpoint,
+    render_children,
+    render_deployment,
+    render_model_cache_pvc,
+    render_service,
+    worker_args,
+)
+from diffusion_operator.spec import Meta, ServiceSpec, parse_spec
+from diffusion_worker.settings import settings_from_args
+
+META = Meta(name="svc", namespace="team-a", uid="uid-1", generation=3)
+
+
+def spec_of(**fields: Any) -> ServiceSpec:
+    return parse_spec({"model": {"id": "builtin:tiny-sd"}, **fields})
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
+    return result
+
+
+FULL = {
+    "model": {
+        "id": "stabilityai/sdxl",
+        "revision": "v2",
+        "dtype": "float16",
+        "servedName": "sdxl",
+        "pipeline": "StableDiffusionXLPipeline",
+    },
+    "resources": {"gpus": 4},
+    "parallelism": {"dataParallel": 2, "contextParallel": 2},
+    "storage": {"url": "s3://bucket/images", "publicBaseUrl": "https://cdn.example/x",
+                "urlExpirySeconds": 600},
+    "limits": {"maxInferenceSteps": 80, "maxImagesPerRequest": 6, "maxPixels": 1048576, "maxBatchSize": 3,
+               "maxQueue": 30},
+    "defaults": {"inferenceSteps": 25, "guidanceScale": 6.5, "size": "512x512"},
+}  # fmt: skip
+
+
+def test_rendered_args_parse_with_the_workers_own_parser_and_match_the_spec() -> None:
+    args = container(render_deployment(parse_spec(FULL), META))["args"]
+    assert args[0] == "serve"
+    settings = settings_from_args(args[1:])
+    assert settings.model == "stabilityai/sdxl"
+    assert settings.revision == "v2"
+    assert settings.dtype == "float16"
+    assert settings.served_model_name == "sdxl"
+    assert settings.pipeline == "StableDiffusionXLPipeline"
+    assert settings.storage_url == "s3://bucket/images"
+    assert settings.public_base_url == "https://cdn.example/x"
+    assert settings.url_expiry_seconds == 600
+    assert settings.max_inference_steps == 80
+    assert settings.max_images_per_request == 6
+    assert settings.max_pixels == 1048576
+    assert settings.max_batch_size == 3
+    assert settings.max_queue == 30
+    assert settings.default_inference_steps == 25
+    assert settings.default_guidance_scale == 6.5
+    assert settings.default_size == "512x512"
+    assert settings.data_parallel_size == 2
+    assert settings.context_parallel_size == 2
+    assert (settings.host, settings.port, str(settings.cache_dir)) == ("0.0.0.0", 8000, "/models")
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_every_sample_renders_args_the_worker_accepts(path: Any) -> None:
+    sample = apply_defaults(load_schema(), load_sample(path))
+    spec = parse_spec(sample["spec"])
+    settings = settings_from_args(container(render_deployment(spec, META))["args"][1:])
+    assert settings.model == spec.model.source
+    assert settings.effective_served_model_name == spec.served_model
+
+
+def test_unset_fields_pass_no_flags_so_worker_defaults_hold() -> None:
+    args = worker_args(spec_of())
+    assert args == [
+        "serve", "--model", "builtin:tiny-sd",
+        "--host", "0.0.0.0", "--port", "8000", "--cache-dir", "/models",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "source", [{"path": "/models/pipe"}, {"uri": "s3://bucket/pipe"}, {"id": "org/model"}]
+)
+def test_model_id_path_or_uri_becomes_model_flag(source: dict[str, str]) -> None:
+    args = worker_args(parse_spec({"model": source}))
+    assert args[args.index("--model") + 1] == next(iter(source.values()))
+
+
+def test_deployment_runs_the_worker_image_command_and_port() -> None:
+    main = container(render_deployment(spec_of(), META))
+    assert main["image"] == c.DEFAULT_WORKER_IMAGE
+    assert main["command"] == ["python", "-m", "diffusion_worker"]
+    assert main["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+
+
+def test_spec_image_wins_over_operator_default_image() -> None:
+    assert (
+        container(render_deployment(spec_of(), META, "registry/worker:dev"))["image"] == "registry/worker:dev"
+    )
+    spec = spec_of(image="mine/worker:1")
+    assert container(render_deployment(spec, META, "registry/worker:dev"))["image"] == "mine/worker:1"
+
+
+def test_gpu_limit_follows_spec_gpus_and_resource_name() -> None:
+    spec = spec_of(resources={"gpus": 2, "gpuResourceName": "amd.com/gpu", "limits": {"memory": "8Gi"}},
+                   parallelism={"dataParallel": 2})  # fmt: skip
+    resources = container(render_deployment(spec, META))["resources"]
+    assert resources["limits"] == {"memory": "8Gi", "amd.com/gpu": "2"}
+
+
+def test_cpu_service_requests_no_gpu() -> None:
+    resources = container(render_deployment(spec_of(resources={"gpus": 0}), META)).get("resources", {})
+    assert not any("gpu" in key for key in resources.get("limits", {}))
+
+
+def test_probes_use_ready_and_health_with_a_long_startup_budget() -> None:
+    main = container(render_deployment(spec_of(), META))
+    assert main["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert main["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    startup = main["startupProbe"]
+    assert startup["httpGet"]["path"] == "/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60
+
+
+def test_volumes_mount_model_cache_tmp_and_shm_only_when_multi_gpu() -> None:
+    single = render_deployment(spec_of(), META)["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in single["containers"][0]["volumeMounts"]}
+    assert mounts == {"/models": "model-cache", "/tmp": "tmp"}
+    claim = next(v for v in single["volumes"] if v["name"] == "model-cache")
+    assert claim["persistentVolumeClaim"]["claimName"] == "svc-model-cache"
+    multi = render_deployment(spec_of(resources={"gpus": 2}, parallelism={"dataParallel": 2}), META)
+    pod = multi["spec"]["template"]["spec"]
+    assert {"name": "shm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {"name": "shm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+
+
+def test_secret_references_become_env_value_from_and_env_from() -> None:
+    spec = spec_of(
+        auth={"apiKeySecretRef": {"name": "keys"}},
+        model={"id": "x", "tokenSecretRef": {"name": "hf", "key": "tok"}},
+        storage={"url": "s3://b/p", "credentialsSecretRef": {"name": "s3"}},
+    )
+    main = container(render_deployment(spec, META))
+    env = {e["name"]: e for e in main["env"]}
+    assert env["DIFFUSION_WORKER_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "keys", "key": "api-key"}
+    }
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "tok"}}
+    assert main["envFrom"] == [{"secretRef": {"name": "s3"}}]
+    assert "value" not in env["DIFFUSION_WORKER_API_KEY"]
+
+
+def test_pod_settings_pass_through() -> None:
+    pod = {
+        "nodeSelector": {"gpu": "h100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        "affinity": {"nodeAffinity": {"x": 1}},
+        "env": [{"name": "DIFFUSION_WORKER_LOG_LEVEL", "value": "debug"}],
+        "annotations": {"prometheus.io/scrape": "true"},
+        "priorityClassName": "high",
+    }
+    template = render_deployment(spec_of(pod=pod), META)["spec"]["template"]
+    assert template["spec"]["nodeSelector"] == pod["nodeSelector"]
+    assert template["spec"]["tolerations"] == pod["tolerations"]
+    assert template["spec"]["affinity"] == pod["affinity"]
+    assert template["spec"]["priorityClassName"] == "high"
+    assert template["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert {"name": "DIFFUSION_WORKER_LOG_LEVEL", "value": "debug"} in template["spec"]["containers"][0][
+        "env"
+    ]
+
+
+def test_labels_selector_and_owner_reference() -> None:
+    deployment = render_deployment(spec_of(), META)
+    labels = deployment["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "image-diffusion-operator"
+    assert labels["app.kubernetes.io/instance"] == "svc"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert deployment["spec"]["template"]["metadata"]["labels"] == labels
+    (owner,) = deployment["metadata"]["ownerReferences"]
+    assert owner == {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": "svc", "uid": "uid-1",
+                     "controller": True, "blockOwnerDeletion": True}  # fmt: skip
+
+
+def test_config_hash_changes_when_the_pod_would_and_only_then() -> None:
+    def config_hash(spec: ServiceSpec) -> str:
+        template = render_deployment(spec, META)["spec"]["template"]
+        result: str = template["metadata"]["annotations"][c.ANNOTATION_CONFIG_HASH]
+        return result
+
+    base = config_hash(spec_of())
+    assert config_hash(spec_of()) == base
+    assert config_hash(spec_of(replicas=5, modelCache={"accessModes": ["ReadWriteMany"]})) == base
+    assert config_hash(spec_of(limits={"maxQueue": 9})) != base
+    assert config_hash(spec_of(pod={"annotations": {"a": "b"}})) != base
+
+
+def test_termination_grace_lets_in_flight_images_finish() -> None:
+    assert (
+        render_deployment(spec_of(), META)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    )
+
+
+def test_service_is_cluster_ip_on_port_http() -> None:
+    service = render_service(spec_of(), META)
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
+    custom = render_service(spec_of(service={"type": "LoadBalancer", "port": 80}), META)
+    assert custom["spec"]["type"] == "LoadBalancer" and custom["spec"]["ports"][0]["port"] == 80
+
+
+def test_model_cache_pvc_follows_spec_and_is_kept_when_asked() -> None:
+    pvc = render_model_cache_pvc(
+        spec_of(modelCache={"size": "10Gi", "storageClassName": "fast", "accessModes": ["ReadWriteMany"]}),
+        META,
+    )
+    assert pvc["metadata"]["name"] == "svc-model-cache"
+    assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "10Gi"}},
+                           "storageClassName": "fast"}  # fmt: skip
+    assert pvc["metadata"]["ownerReferences"]
+    kept = render_model_cache_pvc(spec_of(modelCache={"retainOnDelete": True}), META)
+    assert "ownerReferences" not in kept["metadata"]
+
+
+def test_children_carry_an_applied_hash_and_come_in_apply_order() -> None:
+    children = render_children(spec_of(), META)
+    assert [child["kind"] for child in children] == ["PersistentVolumeClaim", "Deployment", "Service"]
+    assert all(c.ANNOTATION_APPLIED_HASH in child["metadata"]["annotations"] for child in children)
+    again = render_children(spec_of(), META)
+    assert children == again
+
+
+def test_endpoint_names_service_namespace_and_port() -> None:
+    assert endpoint(spec_of(), META) == "http://svc.team-a.svc:8000/v1"
+    assert endpoint(spec_of(service={"port": 80}), META) == "http://svc.team-a.svc:80/v1"
