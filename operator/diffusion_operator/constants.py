@@ -53,6 +53,9 @@ STARTUP_BUDGET_SECONDS: Final = 45 * 60
 STARTUP_PROBE_PERIOD_SECONDS: Final = 10
 # Long enough for a queue of in-flight images to finish after SIGTERM (readiness drops first).
 TERMINATION_GRACE_SECONDS: Final = 300
+# The worker finishes accepted requests within this after SIGTERM, then exits 0 before the kubelet's
+# SIGKILL at TERMINATION_GRACE_SECONDS.
+WORKER_DRAIN_SECONDS: Final = TERMINATION_GRACE_SECONDS - 30
 
 # --- defaults the CRD also declares (the operator applies them too, so it never relies on the server) ---
 DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"

@@ -97,7 +97,12 @@ def worker_args(spec: ServiceSpec) -> list[str]:
         flags.append(("--data-parallel-size", spec.parallelism.data_parallel))
     if spec.parallelism.context_parallel != 1:
         flags.append(("--context-parallel-size", spec.parallelism.context_parallel))
-    flags += [("--host", "0.0.0.0"), ("--port", c.WORKER_PORT), ("--cache-dir", c.MODEL_CACHE_MOUNT)]
+    flags += [
+        ("--host", "0.0.0.0"),
+        ("--port", c.WORKER_PORT),
+        ("--cache-dir", c.MODEL_CACHE_MOUNT),
+        ("--drain-timeout", c.WORKER_DRAIN_SECONDS),
+    ]
     args = ["serve"]
     for flag, value in flags:
         if value is not None:

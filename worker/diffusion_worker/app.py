@@ -101,9 +101,9 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     async def create_images(body: ImageGenerationRequest, request: Request) -> Response:
         service: ImageGenerationService = request.app.state.service
         if body.stream:
-            events = service.start_stream(body, request_id_var.get())
+            events, drop_work = service.start_stream(body, request_id_var.get())
             return StreamingResponse(
-                server_sent_events(events),
+                server_sent_events(request, events, drop_work),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -160,13 +160,34 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     return app
 
 
-async def server_sent_events(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+async def server_sent_events(
+    request: Request, events: AsyncIterator[dict[str, Any]], drop_work: Callable[[], None]
+) -> AsyncIterator[bytes]:
     """`event: <type>` / `data: <json>` frames, as the OpenAI streaming API sends them.
 
-    When the client disconnects, Starlette cancels this iterator, which cancels the request's work.
+    A watcher drops the work as soon as the client disconnects: a generator suspended in `send`
+    is not resumed when Starlette stops streaming, so its own clean-up cannot be relied on.
     """
-    async for event in events:
-        yield f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+    def on_disconnect(watcher: asyncio.Future[None]) -> None:
+        if not watcher.cancelled():
+            metrics_of(request).cancelled.labels(reason="client_disconnected").inc()
+            log.info("client disconnected from its stream; its work was dropped")
+            drop_work()
+
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    watcher.add_done_callback(on_disconnect)
+    try:
+        async for event in events:
+            yield f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+    finally:
+        watcher.cancel()
+
+
+def metrics_of(request: Request) -> WorkerMetrics:
+    """The app's metrics."""
+    metrics: WorkerMetrics = request.app.state.metrics
+    return metrics
 
 
 async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T | None:

@@ -28,7 +28,7 @@ class PreviewPlan:
 
 
 def preview_steps(total_steps: int, count: int) -> list[int]:
-    """Up to `count` evenly spaced steps strictly inside 1..total_steps-1 (the last step is the final image)."""
+    """Up to `count` evenly spaced steps in 1..total_steps-1 (the last step gives the final image)."""
     steps = {round((index + 1) * total_steps / (count + 1)) for index in range(count)}
     return sorted(step for step in steps if 1 <= step < total_steps)
 

@@ -7,7 +7,7 @@ import base64
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,10 +270,14 @@ class ImageGenerationService:
                 code="request_timeout",
             ) from exc
 
-    def start_stream(self, request: ImageGenerationRequest, request_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Admit a streamed request now (so a full queue is still a plain 429), then yield its events:
-        `image_generation.partial_image` as previews arrive, one `image_generation.completed` per
-        image, or one `error` event. Each event's `nvext.image_index` says which image it belongs to."""
+    def start_stream(
+        self, request: ImageGenerationRequest, request_id: str
+    ) -> tuple[AsyncIterator[dict[str, Any]], Callable[[], None]]:
+        """Admit a streamed request now (so a full queue is still a plain 429); returns its events and
+        a function that drops its work (for when the client goes away).
+
+        Events: `image_generation.partial_image` as previews arrive, one `image_generation.completed`
+        per image, or one `error` event. Each event's `nvext.image_index` names its image."""
         if request.model_extra:
             log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         batch = self.build_batch(request)
@@ -284,13 +288,18 @@ class ImageGenerationService:
             partial_images=request.partial_images or 0,
             on_partial=lambda index, partial, image: partials.put_nowait((index, partial, image)),
         )
-        return self._stream_events(request, batch, job, partials)
+        waiter: asyncio.Future[list[Any]] = asyncio.ensure_future(self._wait(job))
+
+        def drop_work() -> None:
+            waiter.cancel()
+
+        return self._stream_events(request, batch, waiter, partials), drop_work
 
     async def _stream_events(
         self,
         request: ImageGenerationRequest,
         batch: GenerationBatch,
-        job: Any,
+        waiter: asyncio.Future[list[Any]],
         partials: asyncio.Queue[tuple[int, int, Any]],
     ) -> AsyncIterator[dict[str, Any]]:
         echo = self._echo(request, batch)
@@ -308,11 +317,11 @@ class ImageGenerationService:
                 "nvext": {"image_index": index, "seed": batch.seeds[index]},
             }
 
-        waiter = asyncio.ensure_future(self._wait(job))
         try:
             while not waiter.done() or not partials.empty():
                 getter = asyncio.ensure_future(partials.get())
-                await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                racing: list[asyncio.Future[Any]] = [getter, waiter]
+                await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     getter.cancel()
                     continue

@@ -13,8 +13,9 @@ from typing import Any
 
 import kmock
 import pytest
-from conftest import Client
-from kube_emulator import EmulatorThread
+
+from support.kube_emulator import EmulatorThread
+from support.operator_harness import Client
 
 pytestmark = pytest.mark.integration
 

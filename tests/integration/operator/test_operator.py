@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import Client, OperatorThread
-from kube_emulator import EmulatorThread
 
 from diffusion_operator import constants as c
+from support.kube_emulator import EmulatorThread
+from support.operator_harness import Client, OperatorThread
 
 pytestmark = pytest.mark.integration
 

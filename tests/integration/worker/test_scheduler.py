@@ -149,7 +149,7 @@ def test_cancelled_queued_request_never_runs(tiny_engine: Any) -> None:
 
 
 def post(url: str, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
-    return httpx.post(f"{url}/v1/images/generations", json=body, **{"timeout": 120, **kwargs})
+    return httpx.post(f"{url}/v1/images/generations", json=body, **{"timeout": 300, **kwargs})
 
 
 def test_client_disconnect_stops_the_running_batch_and_frees_the_pipeline(
@@ -222,7 +222,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny
         while True:
             assert process.poll() is None, process.stderr.read() if process.stderr else ""
             try:
-                if httpx.get(f"{url}/ready").status_code == 200:
+                if httpx.get(f"{url}/ready", timeout=60).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -239,11 +239,11 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny
                 pool.submit(post, url, {**body, "nvext": {"num_inference_steps": 30, "seed": s}})
                 for s in range(3)
             ]
-            while "diffusion_worker_queue_images 3.0" not in httpx.get(f"{url}/metrics").text:
+            while "diffusion_worker_queue_images 3.0" not in httpx.get(f"{url}/metrics", timeout=60).text:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             process.send_signal(signal.SIGTERM)
-            responses = [future.result(timeout=120) for future in futures]
+            responses = [future.result(timeout=300) for future in futures]
         assert [r.status_code for r in responses] == [200, 200, 200]
         for response in responses:
             blob = base64.b64decode(response.json()["data"][0]["b64_json"])

@@ -199,11 +199,11 @@ def test_safety_identifier_names_the_storage_folder_and_is_echoed(client: openai
     )
     url = (response.data or [])[0].url
     assert url is not None and "/users/abuse-id-9/generations/" in url
-    assert response.model_extra is not None and response.model_extra["safety_identifier"] == "abuse-id-9"
+    assert response.to_dict()["safety_identifier"] == "abuse-id-9"
     only_user = client.images.generate(
         prompt="p", user="u1", extra_body={"nvext": {"num_inference_steps": 1}}
     )
-    assert only_user.model_extra is not None and only_user.model_extra["safety_identifier"] == "u1"
+    assert only_user.to_dict()["safety_identifier"] == "u1"
 
 
 def test_response_echoes_background_and_accepts_opaque_and_moderation(client: openai.OpenAI) -> None:

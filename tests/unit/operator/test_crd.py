@@ -9,10 +9,10 @@ import copy
 from typing import Any
 
 import pytest
-from idsvc_schema import SAMPLES, admission_errors, apply_defaults, load_crd, load_sample, load_schema
 
 from diffusion_operator import constants as c
 from diffusion_operator.spec import parse_spec
+from support.idsvc_schema import SAMPLES, admission_errors, apply_defaults, load_crd, load_sample, load_schema
 
 
 def good() -> dict[str, Any]:

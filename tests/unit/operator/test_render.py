@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from idsvc_schema import SAMPLES, apply_defaults, load_sample, load_schema
 
 from diffusion_operator import constants as c
 from diffusion_operator.render import (
@@ -18,6 +17,7 @@ from diffusion_operator.render import (
 )
 from diffusion_operator.spec import Meta, ServiceSpec, parse_spec
 from diffusion_worker.settings import settings_from_args
+from support.idsvc_schema import SAMPLES, apply_defaults, load_sample, load_schema
 
 META = Meta(name="svc", namespace="team-a", uid="uid-1", generation=3)
 
@@ -87,7 +87,7 @@ def test_unset_fields_pass_no_flags_so_worker_defaults_hold() -> None:
     args = worker_args(spec_of())
     assert args == [
         "serve", "--model", "builtin:tiny-sd",
-        "--host", "0.0.0.0", "--port", "8000", "--cache-dir", "/models",
+        "--host", "0.0.0.0", "--port", "8000", "--cache-dir", "/models", "--drain-timeout", "270",
     ]  # fmt: skip
 
 
@@ -209,9 +209,11 @@ def test_config_hash_changes_when_the_pod_would_and_only_then() -> None:
 
 
 def test_termination_grace_lets_in_flight_images_finish() -> None:
-    assert (
-        render_deployment(spec_of(), META)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
-    )
+    pod = render_deployment(spec_of(), META)["spec"]["template"]["spec"]
+    grace = pod["terminationGracePeriodSeconds"]
+    drain = settings_from_args(pod["containers"][0]["args"][1:]).drain_timeout
+    assert grace >= 60
+    assert drain < grace, "the worker finishes draining before the kubelet's SIGKILL"
 
 
 def test_service_is_cluster_ip_on_port_http() -> None:

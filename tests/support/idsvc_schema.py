@@ -14,7 +14,7 @@ import celpy
 import jsonschema
 import yaml
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "imagediffusion.dev_imagediffusionservices.yaml"
 SAMPLES = sorted((REPO / "crds" / "samples").glob("*.yaml"))
 
