@@ -146,7 +146,7 @@ class DiffusersEngine:
                 inspect.isclass(pipeline_class) and issubclass(pipeline_class, diffusers.DiffusionPipeline)
             ):
                 raise ModelLoadError(f"--pipeline {settings.pipeline!r} is not a diffusers pipeline class")
-        kwargs: dict[str, Any] = {"torch_dtype": resolve_dtype(settings.dtype, device)}
+        kwargs: dict[str, Any] = {"dtype": resolve_dtype(settings.dtype, device)}
         if location.from_hub:
             kwargs["cache_dir"] = str(settings.cache_dir / "hub")
             if settings.revision:
