@@ -1,0 +1,191 @@
+"""Measures whether an image shows what its prompt asks for, from pixels alone.
+
+The background is the median colour of the border; the foreground is the largest connected region
+that differs from it. Its colour is the nearest palette colour to its median (edges eroded away);
+its shape is the grammar template that best overlaps it when stretched over its bounding box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffusion_worker.shapes.dataset import COLORS, SHAPES, shape_mask
+
+FOREGROUND_DISTANCE = 60.0
+MIN_FOREGROUND_PIXELS = 12
+BORDER = 2
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What an image shows; `color`/`shape` are None when no foreground object is found."""
+
+    background: str
+    color: str | None
+    shape: str | None
+    shape_score: float
+    foreground_pixels: int
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    """The palette colour name closest to `rgb` (Euclidean distance in RGB)."""
+    names = list(COLORS)
+    palette = np.array([COLORS[name] for name in names], dtype=np.float32)
+    distances = np.linalg.norm(palette - np.asarray(rgb, dtype=np.float32)[None, :], axis=1)
+    return names[int(np.argmin(distances))]
+
+
+def background_rgb(image: np.ndarray) -> np.ndarray:
+    """Median colour of the outer `BORDER` pixels."""
+    pixels = np.concatenate(
+        [
+            image[:BORDER].reshape(-1, 3),
+            image[-BORDER:].reshape(-1, 3),
+            image[:, :BORDER].reshape(-1, 3),
+            image[:, -BORDER:].reshape(-1, 3),
+        ]
+    )
+    return np.asarray(np.median(pixels.astype(np.float32), axis=0))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (iterative flood fill)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best_label, best_size, label = 0, 0, 0
+    rows, cols = mask.shape
+    for start in zip(*np.nonzero(mask), strict=True):
+        if labels[start]:
+            continue
+        label += 1
+        labels[start] = label
+        stack, size = [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < rows and 0 <= nx < cols and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if size > best_size:
+            best_label, best_size = label, size
+    return np.asarray(labels == best_label) if best_size else np.zeros_like(mask)
+
+
+def erode(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose four neighbours are all in `mask`."""
+    inner = mask.copy()
+    inner[1:] &= mask[:-1]
+    inner[:-1] &= mask[1:]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return inner
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    """The template (from the grammar) with the best IoU over the mask's bounding box, and that IoU."""
+    ys, xs = np.nonzero(mask)
+    top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    crop = mask[top:bottom, left:right]
+    height, width = crop.shape
+    best, best_score = SHAPES[0], -1.0
+    for shape in SHAPES:
+        template = shape_mask(shape, width, height, (height, width), supersample=3) >= 0.5
+        union = np.logical_or(template, crop).sum()
+        score = float(np.logical_and(template, crop).sum() / union) if union else 0.0
+        if score > best_score:
+            best, best_score = shape, score
+    return best, best_score
+
+
+def measure(image: np.ndarray) -> Measurement:
+    """Background colour, foreground colour and shape of an (H, W, 3) uint8 image."""
+    pixels = np.asarray(image, dtype=np.float32)[..., :3]
+    background = background_rgb(pixels)
+    distance = np.linalg.norm(pixels - background[None, None, :], axis=-1)
+    mask = largest_component(distance > FOREGROUND_DISTANCE)
+    count = int(mask.sum())
+    if count < MIN_FOREGROUND_PIXELS:
+        return Measurement(nearest_color(background), None, None, 0.0, count)
+    inner = erode(mask)
+    core = inner if inner.sum() >= MIN_FOREGROUND_PIXELS // 2 else mask
+    color = nearest_color(np.median(pixels[core], axis=0))
+    shape, score = classify_shape(mask)
+    return Measurement(nearest_color(background), color, shape, score, count)
+
+
+def adheres(image: np.ndarray, color: str, shape: str) -> bool:
+    """True when the image's foreground has the asked colour and shape."""
+    found = measure(image)
+    return found.color == color and found.shape == shape
+
+
+def redness(image: np.ndarray) -> float:
+    """Fraction of pixels nearer to the palette's red than to any other palette colour."""
+    pixels = np.asarray(image, dtype=np.float32)[..., :3].reshape(-1, 3)
+    names = list(COLORS)
+    palette = np.array([COLORS[name] for name in names], dtype=np.float32)
+    nearest = np.argmin(np.linalg.norm(pixels[:, None, :] - palette[None], axis=-1), axis=1)
+    return float(np.mean(nearest == names.index("red")))
+
+
+@dataclass(frozen=True)
+class AdherenceCase:
+    """One prompt to draw and what its foreground must be."""
+
+    prompt: str
+    color: str
+    shape: str
+
+
+# A generator: prompts and seeds in, (H, W, 3) uint8 images out.
+Draw = Callable[[Sequence[str], Sequence[int]], Sequence[np.ndarray]]
+
+
+def adherence(draw: Draw, cases: Iterable[AdherenceCase], seeds: Sequence[int]) -> float:
+    """Fraction of (case, seed) pairs whose image matches the case's colour and shape."""
+    hits = total = 0
+    for case in cases:
+        images = draw([case.prompt] * len(seeds), seeds)
+        hits += sum(adheres(image, case.color, case.shape) for image in images)
+        total += len(seeds)
+    return hits / total if total else 0.0
+
+
+def pipeline_drawer(pipeline: object, **call_kwargs: object) -> Draw:
+    """A `Draw` that calls a diffusers pipeline with one CPU generator per seed."""
+    import torch
+
+    def draw(prompts: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        with torch.inference_mode():
+            output = pipeline(prompt=list(prompts), generator=generators, output_type="np", **call_kwargs)  # type: ignore[operator]
+        return [np.asarray(np.round(image * 255), dtype=np.uint8) for image in output.images]
+
+    return draw
+
+
+def evaluation_cases(held_out: bool) -> list[AdherenceCase]:
+    """Prompts from the grammar: the held-out colour/shape pairs, or one seen pair per shape.
+
+    Each pair gets a background that differs from its colour (rotating through the palette), so a
+    prompt reads "a red square on a blue background".
+    """
+    from diffusion_worker.shapes.dataset import HELD_OUT, describe
+
+    if held_out:
+        pairs = sorted(HELD_OUT)
+    else:
+        names = list(COLORS)
+        pairs = [(names[(3 * index + 2) % len(names)], shape) for index, shape in enumerate(SHAPES)]
+        pairs = [pair for pair in pairs if pair not in HELD_OUT]
+    cases = []
+    names = list(COLORS)
+    for index, (color, shape) in enumerate(pairs):
+        bg = names[(names.index(color) + 2 + index) % len(names)]
+        if bg == color:
+            bg = names[(names.index(color) + 1) % len(names)]
+        cases.append(AdherenceCase(describe(color, shape, bg), color, shape))
+    return cases
