@@ -7,8 +7,13 @@ its shape is the grammar template that best overlaps it when stretched over its 
 
 from __future__ import annotations
 
+import argparse
+import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -189,3 +194,73 @@ def evaluation_cases(held_out: bool) -> list[AdherenceCase]:
             bg = names[(names.index(color) + 1) % len(names)]
         cases.append(AdherenceCase(describe(color, shape, bg), color, shape))
     return cases
+
+
+NEGATIVE_PROMPT_CASE = ("a red circle", "red")
+
+
+def mean_redness(draw: Draw, prompt: str, seeds: Sequence[int]) -> float:
+    """Mean `redness` of the images drawn for `prompt` over `seeds`."""
+    return float(np.mean([redness(image) for image in draw([prompt] * len(seeds), seeds)]))
+
+
+def measure_model(
+    pipeline: Any, seeds_per_prompt: int, *, steps: int, guidance_scale: float
+) -> dict[str, Any]:
+    """The figures the README and training.json report: adherence on seen and held-out pairs at the
+    given guidance and at 1.0, red pixels with and without a "red" negative prompt, time per image."""
+    seeds = list(range(1000, 1000 + seeds_per_prompt))
+    seen, held = evaluation_cases(held_out=False), evaluation_cases(held_out=True)
+    guided = pipeline_drawer(pipeline, num_inference_steps=steps, guidance_scale=guidance_scale)
+    unguided = pipeline_drawer(pipeline, num_inference_steps=steps, guidance_scale=1.0)
+    prompt, negative = NEGATIVE_PROMPT_CASE
+    avoiding = pipeline_drawer(
+        pipeline, num_inference_steps=steps, guidance_scale=guidance_scale, negative_prompt=negative
+    )
+    started = time.perf_counter()
+    guided(["a red circle"], [0])
+    seconds_per_image = time.perf_counter() - started
+    return {
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
+        "seeds_per_prompt": seeds_per_prompt,
+        "prompts_seen": [case.prompt for case in seen],
+        "prompts_held_out": [case.prompt for case in held],
+        "adherence_seen": adherence(guided, seen, seeds),
+        "adherence_held_out": adherence(guided, held, seeds),
+        "adherence_seen_guidance_1": adherence(unguided, seen, seeds),
+        "adherence_held_out_guidance_1": adherence(unguided, held, seeds),
+        "redness_a_red_circle": mean_redness(guided, prompt, seeds),
+        "redness_a_red_circle_negative_red": mean_redness(avoiding, prompt, seeds),
+        "seconds_per_image_one_call": round(seconds_per_image, 3),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print `measure_model` for a pipeline directory, at its worker_defaults.json settings."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from diffusion_worker.model_source import WORKER_DEFAULTS_FILE
+    from diffusion_worker.shapes import WEIGHTS_DIR
+
+    parser = argparse.ArgumentParser(prog="python -m diffusion_worker.shapes.evaluate", description=__doc__)
+    parser.add_argument("model", type=Path, nargs="?", default=WEIGHTS_DIR, help="pipeline directory")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="default: worker_defaults.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    defaults = json.loads((args.model / WORKER_DEFAULTS_FILE).read_text())
+    pipeline = DiffusionPipeline.from_pretrained(args.model)
+    pipeline.set_progress_bar_config(disable=True)
+    guidance = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    figures = measure_model(
+        pipeline, args.seeds, steps=defaults["num_inference_steps"], guidance_scale=guidance
+    )
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,8 @@
 Two stages, both seeded: an autoencoder learns to squeeze 64x64 images into 16x16x4 latents, then
 the UNet and text encoder learn v-prediction on those latents (prompts dropped 10% of the time for
 classifier-free guidance). The exponential moving average of the weights is what gets saved, with
-training.json beside it: the command, seed, steps, wall time and measured adherence.
+training.json beside it (the command, seed, steps, wall time and measured adherence) and
+worker_defaults.json (the steps and guidance the worker uses when a request gives none).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_worker.shapes import WEIGHTS_DIR, dataset, model
+from diffusion_worker.model_source import WORKER_DEFAULTS_FILE
+from diffusion_worker.shapes import WEIGHTS_DIR, dataset, evaluate, model
 
 log = logging.getLogger("diffusion_worker.shapes.train")
 
@@ -149,25 +151,6 @@ def train_denoiser(
     return ema_unet, ema_text, losses
 
 
-def measure_pipeline(pipeline: Any, seeds_per_prompt: int) -> dict[str, Any]:
-    """Adherence on seen and held-out colour/shape pairs, at the default and at guidance 1.0."""
-    from diffusion_worker.shapes import evaluate
-
-    seeds = list(range(1000, 1000 + seeds_per_prompt))
-    seen = evaluate.evaluation_cases(held_out=False)
-    held = evaluate.evaluation_cases(held_out=True)
-    default = evaluate.pipeline_drawer(pipeline)
-    unguided = evaluate.pipeline_drawer(pipeline, guidance_scale=1.0)
-    return {
-        "seeds_per_prompt": seeds_per_prompt,
-        "prompts_seen": len(seen),
-        "prompts_held_out": len(held),
-        "adherence_seen": evaluate.adherence(default, seen, seeds),
-        "adherence_held_out": evaluate.adherence(default, held, seeds),
-        "adherence_held_out_guidance_1": evaluate.adherence(unguided, held, seeds),
-    }
-
-
 def save(pipeline: Any, output: Path, record: dict[str, Any]) -> None:
     """Write the pipeline (safetensors) and training.json; the directory appears whole or not at all."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +158,8 @@ def save(pipeline: Any, output: Path, record: dict[str, Any]) -> None:
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        defaults = {"num_inference_steps": model.DEFAULT_STEPS, "guidance_scale": model.DEFAULT_GUIDANCE}
+        (staging / WORKER_DEFAULTS_FILE).write_text(json.dumps(defaults) + "\n")
         if output.exists():
             shutil.rmtree(output)
         staging.replace(output)
@@ -202,7 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_seconds = time.monotonic() - started
     pipeline = model.assemble_pipeline(tokenizer, text_encoder, vae, unet, model.build_scheduler())
     pipeline.set_progress_bar_config(disable=True)
-    metrics = measure_pipeline(pipeline, args.eval_seeds)
+    metrics = evaluate.measure_model(
+        pipeline, args.eval_seeds, steps=model.DEFAULT_STEPS, guidance_scale=model.DEFAULT_GUIDANCE
+    )
     log.info("metrics %s", metrics)
     record = {
         "command": "python -m diffusion_worker.shapes.train "
