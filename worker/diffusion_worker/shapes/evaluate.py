@@ -165,8 +165,11 @@ def pipeline_drawer(pipeline: object, **call_kwargs: object) -> Draw:
 
     def draw(prompts: Sequence[str], seeds: Sequence[int]) -> list[np.ndarray]:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs = dict(call_kwargs)
+        if isinstance(kwargs.get("negative_prompt"), str):
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompts)
         with torch.inference_mode():
-            output = pipeline(prompt=list(prompts), generator=generators, output_type="np", **call_kwargs)  # type: ignore[operator]
+            output = pipeline(prompt=list(prompts), generator=generators, output_type="np", **kwargs)  # type: ignore[operator]
         return [np.asarray(np.round(image * 255), dtype=np.uint8) for image in output.images]
 
     return draw
@@ -197,6 +200,12 @@ def evaluation_cases(held_out: bool) -> list[AdherenceCase]:
 
 
 NEGATIVE_PROMPT_CASE = ("a red circle", "red")
+# The README's pictures: (prompt, seed), drawn at the model's defaults. The third is a held-out pair.
+EXAMPLES = (
+    ("a red circle on a blue background", 1),
+    ("a small yellow square in the top left on a black background", 2),
+    ("a blue triangle on a white background", 3),
+)
 
 
 def mean_redness(draw: Draw, prompt: str, seeds: Sequence[int]) -> float:
@@ -249,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: worker_defaults.json")
+    parser.add_argument(
+        "--examples", type=Path, default=None, help="also write the README's example PNGs here"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     defaults = json.loads((args.model / WORKER_DEFAULTS_FILE).read_text())
@@ -259,6 +271,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline, args.seeds, steps=defaults["num_inference_steps"], guidance_scale=guidance
     )
     print(json.dumps(figures, indent=2))
+    if args.examples:
+        from PIL import Image
+
+        args.examples.mkdir(parents=True, exist_ok=True)
+        draw = pipeline_drawer(
+            pipeline, num_inference_steps=defaults["num_inference_steps"], guidance_scale=guidance
+        )
+        for index, (prompt, seed) in enumerate(EXAMPLES, start=1):
+            (image,) = draw([prompt], [seed])
+            Image.fromarray(image).save(args.examples / f"shapes-example-{index}.png")
     return 0
 
 

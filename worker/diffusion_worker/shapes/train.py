@@ -45,6 +45,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="continue from this pipeline directory: the VAE decoder (encoder frozen, so the latent "
+        "space the UNet learned stays put), then the UNet and text encoder",
+    )
     parser.add_argument("--eval-seeds", type=int, default=4, help="seeds per prompt in the final measurement")
     return parser.parse_args(argv)
 
@@ -61,8 +68,16 @@ def train_autoencoder(args: argparse.Namespace, rng: np.random.Generator) -> Any
     """Stage 1: the VAE, on reconstruction (L1 + MSE) with a small KL term."""
     import torch
 
-    vae = model.build_vae()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    if args.resume:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.resume / "vae")
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    else:
+        vae = model.build_vae()
+    trainable = [parameter for parameter in vae.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.vae_lr, weight_decay=0.0)
     started = time.monotonic()
     for step in range(args.vae_steps):
         for group in optimizer.param_groups:
@@ -70,7 +85,8 @@ def train_autoencoder(args: argparse.Namespace, rng: np.random.Generator) -> Any
         images, _ = dataset.training_batch(rng, args.vae_batch)
         pixels = torch.from_numpy(images)
         posterior = vae.encode(pixels).latent_dist
-        reconstruction = vae.decode(posterior.sample()).sample
+        # Resumed: the decoder learns to draw the mean latents, which is what the UNet produces.
+        reconstruction = vae.decode(posterior.mean if args.resume else posterior.sample()).sample
         error = reconstruction - pixels
         loss = error.abs().mean() + error.pow(2).mean() + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -85,6 +101,8 @@ def train_autoencoder(args: argparse.Namespace, rng: np.random.Generator) -> Any
                 time.monotonic() - started,
             )
     vae.eval().requires_grad_(False)
+    if args.resume:
+        return vae
     with torch.no_grad():
         images, _ = dataset.training_batch(rng, 256)
         latents = vae.encode(torch.from_numpy(images)).latent_dist.mean
@@ -102,8 +120,19 @@ def train_denoiser(
     import torch
     from diffusers import DDPMScheduler
 
-    text_encoder = model.build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = model.build_unet()
+    if args.resume:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(args.resume / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(args.resume / "unet")
+    else:
+        text_encoder = model.build_text_encoder(
+            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+        )
+        unet = model.build_unet()
+    unet.train()
+    text_encoder.train()
     noise_schedule = DDPMScheduler.from_config(model.build_scheduler().config)
     parameters = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
@@ -179,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
+    previous = json.loads((args.resume / "training.json").read_text()) if args.resume else None
     started = time.monotonic()
     vae = train_autoencoder(args, rng)
     vae_seconds = time.monotonic() - started
@@ -215,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "transformers": transformers.__version__,
         },
         "date": time.strftime("%Y-%m-%d"),
+        "resumed_from": previous,
     }
     save(pipeline, args.output, record)
     log.info("wrote %s in %.0fs", args.output, time.monotonic() - started)
