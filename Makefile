@@ -97,5 +97,7 @@ bench: setup ## serving benchmark vs the bare diffusers loop; writes bench/resul
 	$(PY) bench/serving.py --size 128x128 --steps 20 --guidance 7.5 --concurrency 1 8 --label 128px-20steps
 
 # --- the built-in demo model (issue 8) ---
-train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded, ~30 min) into worker/diffusion_worker/shapes/weights
+train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded, two runs, ~55 min on 2 busy cores)
 	$(PY) -m diffusion_worker.shapes.train
+	$(PY) -m diffusion_worker.shapes.train --resume worker/diffusion_worker/shapes/weights --seed 1 \
+	  --vae-steps 500 --vae-lr 1e-3 --steps 900 --lr 5e-4
