@@ -8,12 +8,12 @@ HELM := $(TOOLS)/bin/helm
 KUBECTL_LAYER_VERSION := 2.1.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
-MODEL ?= builtin:tiny-sd
+MODEL ?= builtin:shapes
 PYTEST_ARGS ?=
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup tools run test unit integration lint crds helm-lint bench images e2e clean
+.PHONY: help setup tools run test unit integration lint crds helm-lint bench images e2e clean train-demo-model
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
@@ -95,3 +95,9 @@ e2e: ## kind cluster: build+load images, helm install, CPU sample Ready, openai 
 bench: setup ## serving benchmark vs the bare diffusers loop; writes bench/results/serving-*.json
 	$(PY) bench/serving.py --size 64x64 --steps 4 --guidance 0 --label 64px-4steps
 	$(PY) bench/serving.py --size 128x128 --steps 20 --guidance 7.5 --concurrency 1 8 --label 128px-20steps
+
+# --- the built-in demo model (issue 8) ---
+train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded, two runs, ~55 min on 2 busy cores)
+	$(PY) -m diffusion_worker.shapes.train
+	$(PY) -m diffusion_worker.shapes.train --resume worker/diffusion_worker/shapes/weights --seed 1 \
+	  --vae-steps 500 --vae-lr 1e-3 --steps 900 --lr 5e-4

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from diffusion_worker.model_source import ModelSourceError, resolve_model
+from diffusion_worker.model_source import ModelSourceError, model_defaults, resolve_model
 from diffusion_worker.previews import CleanLatentTap, PreviewPlan, decode_latents
 from diffusion_worker.settings import WorkerSettings
 
@@ -125,10 +126,10 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 class DiffusersEngine:
     """A diffusers text-to-image pipeline on one device."""
 
-    def __init__(self, pipeline: Any, device: str) -> None:
+    def __init__(self, pipeline: Any, device: str, defaults: Mapping[str, Any] | None = None) -> None:
         self.pipeline = pipeline
         self.device = device
-        self.info = describe_pipeline(pipeline)
+        self.info = with_model_defaults(describe_pipeline(pipeline), defaults or {})
 
     @classmethod
     def load(cls, settings: WorkerSettings, device: str) -> DiffusersEngine:
@@ -137,6 +138,7 @@ class DiffusersEngine:
 
         try:
             location = resolve_model(settings.model, settings.cache_dir)
+            defaults = model_defaults(location)
         except ModelSourceError as exc:
             raise ModelLoadError(str(exc)) from exc
         pipeline_class: Any = diffusers.DiffusionPipeline
@@ -160,7 +162,7 @@ class DiffusersEngine:
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
-        return cls(pipeline, device)
+        return cls(pipeline, device, defaults)
 
     def generate(
         self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
@@ -227,6 +229,16 @@ def describe_pipeline(pipeline: Any) -> ModelInfo:
         supports_guidance_scale="guidance_scale" in parameters,
         supports_step_callback="callback_on_step_end" in parameters,
     )
+
+
+def with_model_defaults(info: ModelInfo, defaults: Mapping[str, Any]) -> ModelInfo:
+    """`info` with the steps and guidance the model directory asks for (its worker_defaults.json)."""
+    changes: dict[str, Any] = {}
+    if "num_inference_steps" in defaults:
+        changes["default_steps"] = int(defaults["num_inference_steps"])
+    if "guidance_scale" in defaults:
+        changes["default_guidance_scale"] = float(defaults["guidance_scale"])
+    return dataclasses.replace(info, **changes)
 
 
 def native_size(pipeline: Any) -> tuple[int, int]:

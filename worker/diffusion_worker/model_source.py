@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+# Optional file in a model directory: request defaults the model was tuned for, e.g.
+# {"num_inference_steps": 20, "guidance_scale": 5.0}. Worker flags still win over it.
+WORKER_DEFAULTS_FILE = "worker_defaults.json"
 
 
 class ModelSourceError(Exception):
@@ -26,7 +31,20 @@ def _build_tiny_sd(directory: Path) -> Path:
     return build_tiny_pipeline(directory)
 
 
+def _packaged_shapes() -> Path:
+    from diffusion_worker.shapes import WEIGHTS_DIR
+
+    if not (WEIGHTS_DIR / "model_index.json").is_file():
+        raise ModelSourceError(
+            f"--model {BUILTIN_PREFIX}shapes: weights missing from {WEIGHTS_DIR}; run `make train-demo-model`"
+        )
+    return WEIGHTS_DIR
+
+
+# Built in cache_dir on first use.
 BUILTIN_MODELS: dict[str, Callable[[Path], Path]] = {"tiny-sd": _build_tiny_sd}
+# Shipped inside the package and loaded where they lie (read-only; no copy to go stale).
+PACKAGED_MODELS: dict[str, Callable[[], Path]] = {"shapes": _packaged_shapes}
 
 
 @dataclass(frozen=True)
@@ -53,10 +71,30 @@ def resolve_model(model: str, cache_dir: Path) -> ModelLocation:
     return ModelLocation(model, True)
 
 
+def model_defaults(location: ModelLocation) -> dict[str, Any]:
+    """Request defaults from the model directory's WORKER_DEFAULTS_FILE; {} when there is none."""
+    if location.from_hub:
+        return {}
+    path = Path(location.name_or_path) / WORKER_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        defaults = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"{path}: not readable JSON: {exc}") from exc
+    if not isinstance(defaults, dict):
+        raise ModelSourceError(f"{path}: must hold a JSON object, got {type(defaults).__name__}")
+    return defaults
+
+
 def _builtin_model_dir(name: str, cache_dir: Path) -> Path:
+    packaged = PACKAGED_MODELS.get(name)
+    if packaged is not None:
+        return packaged()
     builder = BUILTIN_MODELS.get(name)
     if builder is None:
-        known = ", ".join(BUILTIN_PREFIX + known_name for known_name in sorted(BUILTIN_MODELS))
+        names = sorted([*BUILTIN_MODELS, *PACKAGED_MODELS])
+        known = ", ".join(BUILTIN_PREFIX + known_name for known_name in names)
         raise ModelSourceError(f"--model {BUILTIN_PREFIX}{name}: unknown built-in model; known: {known}")
     directory = cache_dir / "builtin" / name
     if not (directory / "model_index.json").is_file():

@@ -20,7 +20,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DIFFUSION_WORKER_"
-DEFAULT_MODEL = "builtin:tiny-sd"
+DEFAULT_MODEL = "builtin:shapes"
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 
 
@@ -44,7 +44,8 @@ class WorkerSettings(BaseSettings):
     model: str = Field(
         DEFAULT_MODEL,
         description="Model to serve: a Hugging Face Hub id, a local diffusers pipeline directory, "
-        "or builtin:NAME (built locally, no download; builtin:tiny-sd).",
+        "or builtin:NAME (no download): builtin:shapes draws coloured shapes, builtin:tiny-sd is "
+        "random weights for tests.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of --model.")
     dtype: Dtype = Field(

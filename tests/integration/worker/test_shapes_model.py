@@ -1,0 +1,141 @@
+"""builtin:shapes draws what the prompt asks for, measured from pixels (issue 8).
+
+Each test draws a few images at the model's own defaults (worker_defaults.json); about 50
+images in all, so this module stays well under a minute on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from diffusion_worker.model_source import model_defaults, resolve_model
+from diffusion_worker.settings import WorkerSettings
+from diffusion_worker.shapes import evaluate
+from support.worker_server import running_worker
+
+pytestmark = pytest.mark.integration
+
+SEEDS = [1000, 1001]
+# The issue's targets. The committed weights do not reach them yet (training.json, README):
+# adherence 0.20 on seen and 0.15 on held-out pairs; the tests for them are strict xfails: the
+# day a better model passes them, they fail as XPASS and the marker must come off.
+MIN_ADHERENCE = 0.9
+MIN_GUIDANCE_GAIN = 0.25
+NOT_YET = pytest.mark.xfail(
+    reason="builtin:shapes draws the right backgrounds but blobs for shapes "
+    "(measured adherence 0.20 seen / 0.15 held out at the defaults); needs longer training",
+    strict=True,
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """builtin:shapes loaded through DiffusionPipeline.from_pretrained, on one CPU thread."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    location = resolve_model("builtin:shapes", tmp_path_factory.mktemp("cache"))
+    loaded = DiffusionPipeline.from_pretrained(location.name_or_path)
+    loaded.set_progress_bar_config(disable=True)
+    loaded.worker_defaults = model_defaults(location)
+    threads = torch.get_num_threads()
+    # One thread: on a busy 2-core machine two threads contend and run many times slower.
+    torch.set_num_threads(1)
+    yield loaded
+    torch.set_num_threads(threads)
+
+
+def drawer(pipeline: Any, **overrides: Any) -> evaluate.Draw:
+    defaults = pipeline.worker_defaults
+    kwargs = {
+        "num_inference_steps": defaults["num_inference_steps"],
+        "guidance_scale": defaults["guidance_scale"],
+        **overrides,
+    }
+    return evaluate.pipeline_drawer(pipeline, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[evaluate.AdherenceCase]:
+    return evaluate.evaluation_cases(held_out=False) + evaluate.evaluation_cases(held_out=True)
+
+
+@pytest.fixture(scope="module")
+def default_images(pipeline: Any, cases: list[evaluate.AdherenceCase]) -> list[list[np.ndarray]]:
+    """Images at the model's defaults: one list per case, one image per seed."""
+    draw = drawer(pipeline)
+    return [list(draw([case.prompt] * len(SEEDS), SEEDS)) for case in cases]
+
+
+def test_background_color_follows_the_prompt(
+    cases: list[evaluate.AdherenceCase], default_images: list[list[np.ndarray]]
+) -> None:
+    wanted = [case.prompt.rsplit(" ", 2)[-2] for case in cases]
+    found = [[evaluate.measure(image).background for image in images] for images in default_images]
+    hits = sum(got == want for want, row in zip(wanted, found, strict=True) for got in row)
+    assert hits / (len(cases) * len(SEEDS)) >= 0.9, found
+
+
+def test_every_image_shows_one_foreground_object(default_images: list[list[np.ndarray]]) -> None:
+    for images in default_images:
+        for image in images:
+            assert evaluate.measure(image).color is not None
+
+
+@NOT_YET
+def test_prompts_from_the_grammar_adhere_including_held_out_pairs(
+    pipeline: Any, cases: list[evaluate.AdherenceCase]
+) -> None:
+    assert evaluate.adherence(drawer(pipeline), cases, SEEDS) >= MIN_ADHERENCE
+
+
+@NOT_YET
+def test_guidance_1_adheres_clearly_less_than_the_default(
+    pipeline: Any, cases: list[evaluate.AdherenceCase]
+) -> None:
+    guided = evaluate.adherence(drawer(pipeline), cases, SEEDS)
+    unguided = evaluate.adherence(drawer(pipeline, guidance_scale=1.0), cases, SEEDS)
+    assert unguided <= guided - MIN_GUIDANCE_GAIN
+
+
+def test_negative_prompt_red_makes_a_red_circle_less_red(pipeline: Any) -> None:
+    prompt, negative = evaluate.NEGATIVE_PROMPT_CASE
+    seeds = [1000, 1001, 1002, 1003]  # as in training.json: 0.186 red pixels, 0.136 with "red" negative
+    plain = evaluate.mean_redness(drawer(pipeline), prompt, seeds)
+    avoided = evaluate.mean_redness(drawer(pipeline, negative_prompt=negative), prompt, seeds)
+    assert plain > 0.1
+    assert avoided < plain - 0.03
+
+
+def test_same_seed_gives_the_same_image_and_another_seed_does_not(pipeline: Any) -> None:
+    draw = drawer(pipeline)
+    first, again, other = draw(["a white cross on a blue background"] * 3, [5, 5, 6])
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_worker_serves_builtin_shapes_by_default_with_its_own_step_count(tmp_path: Path) -> None:
+    settings = WorkerSettings(cache_dir=tmp_path / "cache", storage_url=f"file://{tmp_path / 'images'}")
+    assert settings.model == "builtin:shapes"
+    with running_worker(settings) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        response = client.images.generate(
+            prompt="a yellow square on a purple background",
+            response_format="b64_json",
+            extra_body={"nvext": {"seed": 3}},
+        )
+    (image,) = response.data or []
+    assert image.b64_json is not None
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(image.b64_json))).convert("RGB"))
+    assert pixels.shape == (64, 64, 3)
+    found = evaluate.measure(pixels)
+    assert (found.background, found.color) == ("purple", "yellow")

@@ -1,0 +1,144 @@
+"""The `builtin:shapes` pipeline: a standard StableDiffusionPipeline, small enough for a CPU.
+
+A 64x64 image is a 16x16x4 latent of a small AutoencoderKL; a small UNet2DConditionModel denoises
+it, conditioned by a small CLIPTextModel. The tokenizer is CLIP's byte-level BPE built locally, with
+merges that make every grammar word one token (other text still tokenizes, byte by byte).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusion_worker.shapes.dataset import IMAGE_SIZE, VOCABULARY
+from diffusion_worker.tiny_model import build_clip_tokenizer_vocab
+
+TOKENIZER_MAX_LENGTH = 24
+TEXT_HIDDEN_SIZE = 64
+LATENT_CHANNELS = 4
+VAE_BLOCKS = (16, 32, 32)
+VAE_SCALE = 2 ** (len(VAE_BLOCKS) - 1)
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 5.0
+
+
+def word_merges(words: tuple[str, ...] = VOCABULARY) -> tuple[list[tuple[str, str]], list[str]]:
+    """BPE merges that join each word's letters left to right, and the tokens they create.
+
+    Longer words' merges rank first, so a short word's merge (the "t o" of "top") cannot split a
+    longer word that contains it ("bottom"); a unit test checks every word ends up one token.
+    """
+    merges: list[tuple[str, str]] = []
+    tokens: list[str] = []
+    for word in sorted(words, key=lambda word: (-len(word), word)):
+        if len(word) < 2:
+            continue
+        prefix = word[0]
+        for index, letter in enumerate(word[1:], start=1):
+            last = index == len(word) - 1
+            right = letter + "</w>" if last else letter
+            merges.append((prefix, right))
+            prefix += letter
+            tokens.append(prefix + "</w>" if last else prefix)
+    return list(dict.fromkeys(merges)), list(dict.fromkeys(tokens))
+
+
+def build_tokenizer() -> Any:
+    """CLIPTokenizer over bytes plus one token per grammar word."""
+    from transformers import CLIPTokenizer
+
+    vocab = build_clip_tokenizer_vocab()
+    merges, tokens = word_merges()
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKENIZER_MAX_LENGTH)
+
+
+def build_text_encoder(vocab_size: int, bos: int, eos: int) -> Any:
+    """A two-layer CLIP text transformer, trained from scratch with the UNet."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=TEXT_HIDDEN_SIZE,
+            intermediate_size=4 * TEXT_HIDDEN_SIZE,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TOKENIZER_MAX_LENGTH,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    )
+
+
+def build_vae() -> Any:
+    """An AutoencoderKL that maps 64x64x3 to 16x16x4 (no attention: flat shapes do not need it)."""
+    from diffusers import AutoencoderKL
+
+    blocks = len(VAE_BLOCKS)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=VAE_BLOCKS,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def build_unet() -> Any:
+    """A two-level UNet over 16x16 latents; the prompt enters by cross-attention at 8x8."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // VAE_SCALE,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=(48, 96),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def build_scheduler() -> Any:
+    """DPM-Solver++ with v-prediction on a zero-terminal-SNR schedule: the last step is pure noise,
+    so the model learns to choose the background colour itself instead of reading it from leaked
+    signal (which sampling from pure noise never provides)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        steps_offset=1,
+        final_sigmas_type="zero",
+    )
+
+
+def assemble_pipeline(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, scheduler: Any) -> Any:
+    """The parts as a StableDiffusionPipeline (no safety checker: the model draws only shapes)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
