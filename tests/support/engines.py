@@ -17,7 +17,10 @@ from diffusion_worker.settings import WorkerSettings
 
 
 class ObservedEngine:
-    """The real engine, optionally held at a gate before each call, recording every call."""
+    """The real engine, optionally held at a gate before each call, recording every call.
+
+    `fail_next` makes the next call raise the given error instead of running the pipeline.
+    """
 
     def __init__(self, inner: Engine, *, gated: bool) -> None:
         self.inner = inner
@@ -30,12 +33,16 @@ class ObservedEngine:
         self.batches: list[GenerationBatch] = []
         self.cancelled_calls = 0
         self.steps_run: list[int] = []
+        self.fail_next: BaseException | None = None
 
     def generate(
         self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
     ) -> list[Any]:
         self.batches.append(batch)
         self.entered.set()
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
         assert self.gate.wait(timeout=60), "the test never opened the gate"
         steps = 0
 

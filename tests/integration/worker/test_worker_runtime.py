@@ -96,6 +96,26 @@ def test_health_and_metrics_answer_while_an_image_is_being_made(start_worker: Wo
         assert pending.result(timeout=60).status_code == 200
 
 
+def test_a_failing_pipeline_gives_a_500_error_object_and_the_worker_keeps_serving(
+    start_worker: WorkerFactory,
+) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False))
+    engines[0].fail_next = RuntimeError("secret internal detail /opt/weights")
+    failed = post(url, {"prompt": "p", "response_format": "b64_json"})
+    assert failed.status_code == 500
+    assert failed.json() == {
+        "error": {
+            "message": "Internal server error",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+    assert "secret" not in failed.text and "Traceback" not in failed.text
+    assert post(url, {"prompt": "p", "response_format": "b64_json"}).status_code == 200
+
+
 def test_full_queue_gives_429_with_retry_after_and_not_ready(start_worker: WorkerFactory) -> None:
     engines: list[ObservedEngine] = []
     url = start_worker(

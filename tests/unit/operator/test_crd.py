@@ -6,9 +6,12 @@ Emulated instead of real: the apiserver's defaulting and CEL admission, via json
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from diffusion_operator import constants as c
 from diffusion_operator.spec import parse_spec
@@ -164,3 +167,11 @@ def test_defaults_match_the_operators_own_defaults() -> None:
     assert defaulted["service"] == {"type": parsed.service.type, "port": parsed.service.port}
     assert parse_spec({"model": {"id": "x"}}).resources.gpus == 1 == load_schema()["properties"]["spec"][
         "properties"]["resources"]["properties"]["gpus"]["default"]  # fmt: skip
+
+
+def test_readme_example_services_are_admitted() -> None:
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(apiVersion: imagediffusion\.dev/.*?)```", readme, re.S)
+    assert blocks, "the README shows at least one ImageDiffusionService"
+    for block in blocks:
+        assert admission_errors(yaml.safe_load(block)) == []
