@@ -92,9 +92,10 @@ e2e: ## kind cluster: build+load images, helm install, CPU sample Ready, openai 
 	hack/e2e.sh
 
 # --- benchmarks (never part of `make test`) ---
-bench: setup ## serving benchmark vs the bare diffusers loop; writes bench/results/serving-*.json
+bench: setup ## serving vs the bare diffusers loop, and streaming preview cost; writes bench/results/*.json
 	$(PY) bench/serving.py --size 64x64 --steps 4 --guidance 0 --label 64px-4steps
-	$(PY) bench/serving.py --size 128x128 --steps 20 --guidance 7.5 --concurrency 1 8 --label 128px-20steps
+	$(PY) bench/serving.py --size 128x128 --steps 20 --guidance 7.5 --concurrency 1 8 --repeats 3 --label 128px-20steps
+	$(PY) bench/streaming.py
 
 # --- the built-in demo model (issue 8) ---
 train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded, two runs, ~55 min on 2 busy cores)
