@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from diffusion_worker.shapes.dataset import IMAGE_SIZE, VOCABULARY
-from diffusion_worker.tiny_model import build_clip_tokenizer_vocab
+from diffusion_worker.tiny_model import assemble_sd_pipeline, build_clip_tokenizer_vocab
 
 TOKENIZER_MAX_LENGTH = 24
 TEXT_HIDDEN_SIZE = 64
@@ -130,15 +130,4 @@ def build_scheduler() -> Any:
 
 def assemble_pipeline(tokenizer: Any, text_encoder: Any, vae: Any, unet: Any, scheduler: Any) -> Any:
     """The parts as a StableDiffusionPipeline (no safety checker: the model draws only shapes)."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler)
