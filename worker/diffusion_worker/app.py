@@ -25,7 +25,11 @@ from diffusion_worker.engine import Engine, load_engines
 from diffusion_worker.errors import APIError
 from diffusion_worker.logs import request_id_var
 from diffusion_worker.metrics import WorkerMetrics
-from diffusion_worker.protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse
+from diffusion_worker.protocol import (
+    ErrorResponse,
+    ImageGenerationRequest,
+    ImagesResponse,
+)
 from diffusion_worker.scheduler import Scheduler
 from diffusion_worker.serving import ImageGenerationService
 from diffusion_worker.settings import WorkerSettings

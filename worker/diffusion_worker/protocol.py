@@ -23,6 +23,7 @@ Moderation = Literal["low", "auto"]
 MAX_PARTIAL_IMAGES = 3
 
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+FILE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 class NvExt(BaseModel):

@@ -17,6 +17,7 @@ from diffusion_worker.errors import APIError, invalid_param
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.protocol import (
     CONTENT_TYPES,
+    FILE_EXTENSIONS,
     MAX_SEED,
     ImageGenerationRequest,
     format_size,
@@ -107,6 +108,8 @@ class ImageGenerationService:
     def build_batch(self, request: ImageGenerationRequest) -> GenerationBatch:
         """Apply limits and defaults; every rejection names the offending parameter."""
         settings = self.settings
+        if request.model_extra:
+            log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         if request.model is not None and request.model != self.served_model_name:
             raise APIError(
                 404,
@@ -198,8 +201,6 @@ class ImageGenerationService:
         self, request: ImageGenerationRequest, request_id: str, request_base_url: str
     ) -> dict[str, Any]:
         """Generate, encode, store (for url), and build the response body."""
-        if request.model_extra:
-            log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         batch = self.build_batch(request)
         images = await self._wait(self._submit(batch, request_id))
         output_format = request.output_format or "png"
@@ -278,8 +279,6 @@ class ImageGenerationService:
 
         Events: `image_generation.partial_image` as previews arrive, one `image_generation.completed`
         per image, or one `error` event. Each event's `nvext.image_index` names its image."""
-        if request.model_extra:
-            log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
         batch = self.build_batch(request)
         partials: asyncio.Queue[tuple[int, int, Any]] = asyncio.Queue()
         job = self._submit(
@@ -356,7 +355,7 @@ class ImageGenerationService:
     async def _store(
         self, encoded: list[bytes], output_format: str, user: str | None, request_id: str, base_url: str
     ) -> list[dict[str, Any]]:
-        extension = "jpg" if output_format == "jpeg" else output_format
+        extension = FILE_EXTENSIONS[output_format]
         items = [
             (image_key(user, request_id, index, extension), blob, CONTENT_TYPES[output_format])
             for index, blob in enumerate(encoded)
