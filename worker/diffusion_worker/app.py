@@ -26,6 +26,8 @@ from diffusion_worker.errors import APIError
 from diffusion_worker.logs import request_id_var
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.protocol import (
+    CONTENT_TYPES,
+    FILE_EXTENSIONS,
     ErrorResponse,
     ImageGenerationRequest,
     ImagesResponse,
@@ -216,10 +218,11 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+MEDIA_TYPES = {f".{FILE_EXTENSIONS[fmt]}": content_type for fmt, content_type in CONTENT_TYPES.items()}
+
+
 def _media_type(suffix: str) -> str:
-    return {".png": "image/png", ".jpg": "image/jpeg", ".webp": "image/webp"}.get(
-        suffix, "application/octet-stream"
-    )
+    return MEDIA_TYPES.get(suffix, "application/octet-stream")
 
 
 def api_key_dependency(settings: WorkerSettings) -> Callable[[Request], None]:
