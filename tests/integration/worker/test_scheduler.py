@@ -207,6 +207,8 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny
             "127.0.0.1",
             "--port",
             str(port),
+            "--drain-timeout",
+            "600",
             "--max-batch-size",
             "1",
             "--storage-url",
@@ -230,7 +232,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny
             time.sleep(0.2)
         body = {
             "prompt": "p",
-            "size": "128x128",
+            "size": "64x64",
             "response_format": "b64_json",
             "nvext": {"num_inference_steps": 30},
         }
@@ -247,7 +249,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny
         assert [r.status_code for r in responses] == [200, 200, 200]
         for response in responses:
             blob = base64.b64decode(response.json()["data"][0]["b64_json"])
-            assert Image.open(io.BytesIO(blob)).size == (128, 128)
+            assert Image.open(io.BytesIO(blob)).size == (64, 64)
         assert process.wait(timeout=60) == 0
         stderr = process.stderr.read() if process.stderr else ""
         assert "draining" in stderr
