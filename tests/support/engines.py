@@ -8,10 +8,18 @@ what each pipeline call was asked to do.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from diffusion_worker.engine import Engine, GenerationBatch, GenerationCancelledError, KeepGoing, load_engines
+from diffusion_worker.engine import (
+    DiffusersEngine,
+    Engine,
+    GenerationBatch,
+    GenerationCancelledError,
+    KeepGoing,
+    load_engines,
+)
 from diffusion_worker.previews import PreviewPlan
 from diffusion_worker.settings import WorkerSettings
 
@@ -73,3 +81,34 @@ def observed_loader(holder: list[ObservedEngine], *, gated: bool) -> Callable[[W
         return list(engines)
 
     return load
+
+
+class OutOfMemoryOnce:
+    """Stands in for an engine's pipeline whose next call runs out of device memory, then puts the
+    real pipeline back. A CPU cannot produce a real CUDA out-of-memory error, so this raises
+    `torch.cuda.OutOfMemoryError` itself, from a frame holding an activation-sized tensor, and keeps
+    only a weak reference to that tensor: `leaked()` tells whether anything still holds it."""
+
+    def __init__(self, engine: DiffusersEngine, activation_elements: int = 4 * 1024 * 1024) -> None:
+        self.engine = engine
+        self.real = engine.pipeline
+        self.activation_elements = activation_elements
+        self.activations: weakref.ref[Any] | None = None
+        engine.pipeline = self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def __call__(self, **kwargs: Any) -> Any:
+        import torch
+
+        self.engine.pipeline = self.real
+        activations = torch.ones(self.activation_elements)
+        self.activations = weakref.ref(activations)
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.15 GiB total capacity)"
+        )
+
+    def leaked(self) -> bool:
+        """True while the tensor the failed call allocated is still alive."""
+        return self.activations is not None and self.activations() is not None

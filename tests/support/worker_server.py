@@ -1,12 +1,19 @@
-"""Runs the real worker app under a real uvicorn server on a loopback port, in a thread."""
+"""Runs the real worker: its app under a real uvicorn server in a thread, or the whole
+`python -m diffusion_worker serve` process, on a free loopback port."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 import uvicorn
 
 from diffusion_worker.app import EngineLoader, build_app
@@ -38,3 +45,47 @@ def running_worker(
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def worker_process(
+    model_dir: Path, storage_dir: Path, *flags: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m diffusion_worker serve` on `model_dir` with extra `flags`, ready to serve; yields the
+    process (stderr piped) and its base URL. The process is killed if the test leaves it running."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "diffusion_worker", "serve", "--model", str(model_dir)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--storage-url", f"file://{storage_dir}", *flags]
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the worker exited: {process.stderr.read() if process.stderr else ''}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=60).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the worker was not ready within 120s")
+            time.sleep(0.2)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

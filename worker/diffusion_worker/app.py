@@ -8,7 +8,6 @@ import json
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -18,13 +17,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffusion_worker import __version__
 from diffusion_worker.engine import Engine, load_engines
 from diffusion_worker.errors import APIError
 from diffusion_worker.logs import request_id_var
 from diffusion_worker.metrics import WorkerMetrics
+from diffusion_worker.middleware import (
+    BodySizeLimitMiddleware,
+    RequestContextMiddleware,
+    ShutdownCancellationMiddleware,
+)
 from diffusion_worker.protocol import (
     CONTENT_TYPES,
     FILE_EXTENSIONS,
@@ -93,6 +96,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     app.state.started = int(time.time())
     app.state.draining = False
     install_error_handlers(app)
+    app.add_middleware(ShutdownCancellationMiddleware, metrics=metrics)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     require_key = api_key_dependency(settings)
@@ -150,13 +154,12 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     async def ready(request: Request) -> JSONResponse:
         scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
         if request.app.state.draining:
-            return _error_json(APIError(503, "The worker is shutting down", type="service_unavailable"))
+            return APIError(503, "The worker is shutting down", type="service_unavailable").response()
         if scheduler is None:
-            return _error_json(APIError(503, "The model is loading", type="service_unavailable"))
+            return APIError(503, "The model is loading", type="service_unavailable").response()
         if scheduler.saturated:
-            return _error_json(
-                APIError(503, "The queue is full", type="service_unavailable", code="queue_full")
-            )
+            full = APIError(503, "The queue is full", type="service_unavailable", code="queue_full")
+            return full.response()
         return JSONResponse({"status": "ready", "queued_images": scheduler.images_admitted})
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -202,6 +205,9 @@ async def cancel_on_disconnect(request: Request, work: Coroutine[Any, Any, T]) -
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()  # the server gave up on this request (shutdown): its queued images go too
+        raise
     finally:
         disconnected.cancel()
     if task.done():
@@ -244,10 +250,6 @@ def api_key_dependency(settings: WorkerSettings) -> Callable[[Request], None]:
     return require_api_key
 
 
-def _error_json(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure, FastAPI's own included, becomes an OpenAI error object."""
 
@@ -255,11 +257,11 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, APIError)
         if exc.status_code >= 500:
             log.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc.message)
-        return _error_json(exc)
+        return exc.response()
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _error_json(validation_error_to_api_error(exc))
+        return validation_error_to_api_error(exc).response()
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -267,11 +269,12 @@ def install_error_handlers(app: FastAPI) -> None:
         code, message = kinds.get(exc.status_code, ("http_error", str(exc.detail)))
         if exc.status_code in kinds:
             message = f"{message}: {request.method} {request.url.path}"
-        return _error_json(APIError(exc.status_code, message, code=code))
+        return APIError(exc.status_code, message, code=code).response()
 
     async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error_json(APIError(500, "Internal server error", type="server_error", code="internal_error"))
+        metrics_of(request).failed.labels(reason="internal_error").inc()
+        return APIError(500, "Internal server error", type="server_error", code="internal_error").response()
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -293,80 +296,3 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     received = json.dumps(error.get("input"), default=str)[:200]
     return APIError(400, f"`{param}`: {message}, got {received}", param=param, code="invalid_value")
-
-
-class RequestContextMiddleware:
-    """Gives each request an id (logs, X-Request-ID) and counts it by route and status."""
-
-    def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = uuid.uuid4().hex
-        token = request_id_var.set(request_id)
-        status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
-            await send(message)
-
-        self.metrics.in_flight.inc()
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            self.metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
-            request_id_var.reset(token)
-
-
-class BodySizeLimitMiddleware:
-    """Reads request bodies up to `max_bytes`; larger ones get 413 before any handler runs."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        too_large = APIError(
-            413, f"The request body exceeds {self.max_bytes} bytes", code="request_too_large"
-        )
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _error_json(too_large)(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _error_json(too_large)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)

@@ -29,6 +29,10 @@ class GenerationCancelledError(Exception):
     """A pipeline call was stopped between denoising steps because nobody waits for its images."""
 
 
+class DeviceOutOfMemoryError(Exception):
+    """A pipeline call ran out of device memory; the memory it held has been released."""
+
+
 KeepGoing = Callable[[], bool]
 
 
@@ -197,17 +201,35 @@ class DiffusersEngine:
                 return tensors
 
             kwargs["callback_on_step_end"] = on_step_end
-        with torch.inference_mode(), tap or contextlib.nullcontext():
-            output = self.pipeline(**kwargs)
-        return list(output.images)
+        try:
+            with torch.inference_mode(), tap or contextlib.nullcontext():
+                output = self.pipeline(**kwargs)
+        except torch.OutOfMemoryError as exc:
+            failure = (
+                f"{self.device} ran out of memory making {len(batch)} {batch.width}x{batch.height} images"
+            )
+            log.warning("%s: %s", failure, str(exc).splitlines()[0] if str(exc) else "no detail")
+        else:
+            return list(output.images)
+        # Out of the except block the traceback (and every activation its frames hold) is gone, so
+        # the cache can hand that memory back before the next batch.
+        self.release_memory()
+        raise DeviceOutOfMemoryError(failure)
+
+    def release_memory(self) -> None:
+        """Collect garbage and return cached blocks to the device (after an out-of-memory error)."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         """Drop the pipeline; frees GPU memory."""
-        import torch
-
         self.pipeline = None
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        self.release_memory()
 
 
 def describe_pipeline(pipeline: Any) -> ModelInfo:

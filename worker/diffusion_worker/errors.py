@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 
 class APIError(Exception):
     """A failure to report to the client as `{"error": {"message", "type", "param", "code"}}`."""
@@ -29,6 +31,10 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON body for this error."""
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+    def response(self) -> JSONResponse:
+        """This error as an HTTP response (an ASGI app too), with its status and headers."""
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
 def error_body(

@@ -57,3 +57,9 @@ class WorkerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.failed = Counter(
+            "diffusion_worker_failed_requests",
+            "Accepted requests that failed, by reason (out_of_memory, storage, pipeline_error, shutdown).",
+            ["reason"],
+            registry=self.registry,
+        )

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffusion_worker.engine import Engine, GenerationBatch, GenerationCancelledError
+from diffusion_worker.engine import DeviceOutOfMemoryError, Engine, GenerationBatch, GenerationCancelledError
 from diffusion_worker.logs import request_id_var
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.previews import PreviewPlan, preview_steps
@@ -250,7 +250,10 @@ class Scheduler:
             log.info("batch of %d stopped: every request in it was cancelled", len(batch))
             return
         except BaseException as exc:
-            log.exception("generation failed on %s", engine.device)
+            if isinstance(exc, DeviceOutOfMemoryError):
+                log.warning("batch of %d failed: %s", len(batch), exc)  # expected under load: no traceback
+            else:
+                log.exception("generation failed on %s", engine.device)
             for job in jobs:
                 job.cancelled = True
                 job.loop.call_soon_threadsafe(_fail, job.future, exc)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffusion_worker.encoding import encode_image
-from diffusion_worker.engine import GenerationBatch, ModelInfo
+from diffusion_worker.engine import DeviceOutOfMemoryError, GenerationBatch, ModelInfo
 from diffusion_worker.errors import APIError, invalid_param
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.protocol import (
@@ -270,6 +270,16 @@ class ImageGenerationService:
                 type="timeout",
                 code="request_timeout",
             ) from exc
+        except DeviceOutOfMemoryError as exc:
+            self.metrics.failed.labels(reason="out_of_memory").inc()
+            raise APIError(
+                503,
+                f"Out of device memory ({exc}); the memory was released. Retry, or ask for fewer or "
+                "smaller images",
+                type="service_unavailable",
+                code="out_of_memory",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from exc
 
     def start_stream(
         self, request: ImageGenerationRequest, request_id: str
@@ -365,4 +375,5 @@ class ImageGenerationService:
             return [image_object("url", self.store.url_for(key, base_url)) for key, _, _ in items]
         except StorageError as exc:
             log.error("storage failed: %s (cause: %r)", exc, exc.__cause__)
+            self.metrics.failed.labels(reason="storage").inc()
             raise APIError(502, str(exc), type="storage_error", code="storage_unavailable") from exc

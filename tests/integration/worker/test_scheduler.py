@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +22,7 @@ from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.scheduler import Scheduler
 from diffusion_worker.settings import WorkerSettings
 from support.engines import ObservedEngine, observed_loader
+from support.worker_server import worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -191,59 +188,16 @@ def test_request_timeout_gives_504_and_drops_the_work(start_worker: WorkerFactor
 
 def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A real worker process: requests in flight at SIGTERM all get their images."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "diffusion_worker",
-            "serve",
-            "--model",
-            str(tiny_model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--drain-timeout",
-            "600",
-            "--max-batch-size",
-            "1",
-            "--storage-url",
-            f"file://{tmp_path}",
-        ],
-        env={**os.environ, "DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "100"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            try:
-                if httpx.get(f"{url}/ready", timeout=60).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        body = {
-            "prompt": "p",
-            "size": "64x64",
-            "response_format": "b64_json",
-            "nvext": {"num_inference_steps": 30},
-        }
+    flags = ("--drain-timeout", "600", "--max-batch-size", "1")
+    steps = {"DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "100"}
+    with worker_process(tiny_model_dir, tmp_path, *flags, env=steps) as (process, url):
+        body = {"prompt": "p", "size": "64x64", "response_format": "b64_json"}
         with ThreadPoolExecutor(3) as pool:
             futures = [
                 pool.submit(post, url, {**body, "nvext": {"num_inference_steps": 30, "seed": s}})
                 for s in range(3)
             ]
-            while "diffusion_worker_queue_images 3.0" not in httpx.get(f"{url}/metrics", timeout=60).text:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            wait_for_queued_images(url, 3)
             process.send_signal(signal.SIGTERM)
             responses = [future.result(timeout=300) for future in futures]
         assert [r.status_code for r in responses] == [200, 200, 200]
@@ -251,9 +205,41 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny
             blob = base64.b64decode(response.json()["data"][0]["b64_json"])
             assert Image.open(io.BytesIO(blob)).size == (64, 64)
         assert process.wait(timeout=60) == 0
+        assert "draining" in (process.stderr.read() if process.stderr else "")
+
+
+def test_requests_still_running_when_the_drain_time_runs_out_get_503_error_objects(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A real worker process with --drain-timeout 1 and work that needs far longer: uvicorn cancels
+    what is left, and each request gets a 503 error object (not uvicorn's bare text 500); the
+    running batch stops at its next step and the process exits 0."""
+    flags = ("--drain-timeout", "1", "--max-batch-size", "1")
+    steps = {"DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "1000"}
+    with worker_process(tiny_model_dir, tmp_path, *flags, env=steps) as (process, url):
+        body = {"prompt": "p", "size": "256x256", "response_format": "b64_json"}
+        with ThreadPoolExecutor(2) as pool:
+            futures = [
+                pool.submit(post, url, {**body, "nvext": {"num_inference_steps": 1000, "seed": s}})
+                for s in range(2)
+            ]
+            wait_for_queued_images(url, 2)
+            process.send_signal(signal.SIGTERM)
+            responses = [future.result(timeout=120) for future in futures]
+        for response in responses:
+            assert response.status_code == 503, response.text
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("service_unavailable", "shutting_down")
+            assert "retry on another replica" in error["message"]
+        assert process.wait(timeout=60) == 0
         stderr = process.stderr.read() if process.stderr else ""
-        assert "draining" in stderr
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        assert "cancelled at shutdown; answered 503" in stderr
+        assert "Exception in ASGI application" not in stderr
+
+
+def wait_for_queued_images(url: str, count: int, timeout: float = 120) -> None:
+    """Until the worker reports `count` images queued or running."""
+    deadline = time.monotonic() + timeout
+    while f"diffusion_worker_queue_images {count:.1f}" not in httpx.get(f"{url}/metrics", timeout=60).text:
+        assert time.monotonic() < deadline, f"{count} images were never queued"
+        time.sleep(0.02)

@@ -1,0 +1,138 @@
+"""ASGI middleware of the worker: request ids and counts, the body size limit, and answers for
+requests that the server cancels when its drain time runs out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from diffusion_worker.errors import APIError
+from diffusion_worker.logs import request_id_var
+from diffusion_worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (logs, X-Request-ID) and counts it by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            request_id_var.reset(token)
+
+
+class BodySizeLimitMiddleware:
+    """Reads request bodies up to `max_bytes`; larger ones get 413 before any handler runs."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(
+            413, f"The request body exceeds {self.max_bytes} bytes", code="request_too_large"
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await too_large.response()(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await too_large.response()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class ShutdownCancellationMiddleware:
+    """Answers 503 (an OpenAI error object) to a request the server cancels at shutdown.
+
+    uvicorn waits --drain-timeout for requests in flight, then cancels the rest and would answer them
+    with a bare text 500. Cancellation reaches a request task only that way (a client that goes
+    away is an `http.disconnect` message, not a cancellation), so a cancelled request whose response
+    has not started gets a 503 telling the client to retry elsewhere. A started response (a stream)
+    cannot be answered again; its connection is closed.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if started or task is None:
+                raise
+            task.uncancel()
+            self.metrics.failed.labels(reason="shutdown").inc()
+            log.warning("%s %s cancelled at shutdown; answered 503", scope["method"], scope["path"])
+            gone = APIError(
+                503,
+                "The worker shut down before this request finished (its drain time ran out); "
+                "retry on another replica",
+                type="service_unavailable",
+                code="shutting_down",
+            )
+            await gone.response()(scope, receive, send)
