@@ -31,6 +31,8 @@ from diffusion_worker.storage import ImageStore, StorageError, image_key
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+MAX_LOGGED_NAMES = 10
+MAX_LOGGED_NAME = 64
 # Steps per `quality`, as a multiple of the default step count D (see README); capped at the limit.
 QUALITY_STEP_FACTORS: dict[str, float] = {
     "low": 0.25,
@@ -109,7 +111,11 @@ class ImageGenerationService:
         """Apply limits and defaults; every rejection names the offending parameter."""
         settings = self.settings
         if request.model_extra:
-            log.warning("ignoring unknown request fields: %s", ", ".join(sorted(request.model_extra)))
+            # Names come from the client: repr() keeps newlines and control characters out of the log.
+            names = sorted(request.model_extra)
+            shown = ", ".join(repr(name[:MAX_LOGGED_NAME]) for name in names[:MAX_LOGGED_NAMES])
+            more = f" and {len(names) - MAX_LOGGED_NAMES} more" if len(names) > MAX_LOGGED_NAMES else ""
+            log.warning("ignoring unknown request fields: %s%s", shown, more)
         if request.model is not None and request.model != self.served_model_name:
             raise APIError(
                 404,

@@ -96,3 +96,17 @@ def test_negative_prompt_on_a_pipeline_without_it_is_a_400(tmp_path: Path) -> No
 def test_served_name_is_accepted_as_model(tmp_path: Path) -> None:
     svc = service(tmp_path, served_model_name="sdxl")
     assert len(svc.build_batch(request(model="sdxl"))) == 1
+
+
+def test_unknown_field_names_reach_the_log_escaped_and_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Field names come from the client: a newline in one must not forge a second log line."""
+    names = {"evil\nERROR forged line": 1, **{f"f{index:02d}": index for index in range(12)}}
+    with caplog.at_level("WARNING", logger="diffusion_worker.serving"):
+        service(tmp_path).build_batch(request(**names))
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message
+    assert "'evil\\nERROR forged line'" in message
+    assert message.endswith("and 3 more")
