@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup tools run test unit lint crds helm-lint bench images e2e clean train-demo-model
+.PHONY: help setup tools run test unit lint crds helm-lint bench soak images e2e clean train-demo-model
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-17s %s\n", $$1, $$2}'
@@ -96,6 +96,11 @@ bench: setup ## serving vs the bare diffusers loop, and streaming preview cost; 
 	$(PY) bench/serving.py --size 64x64 --steps 4 --guidance 0 --label 64px-4steps
 	$(PY) bench/serving.py --size 128x128 --steps 20 --guidance 7.5 --concurrency 1 8 --repeats 3 --label 128px-20steps
 	$(PY) bench/streaming.py
+
+# --- reliability (issue 6): the scenarios of tests/reliability at soak scale ---
+soak: tools ## overload, storage outage and operator faults at soak scale; writes bench/results/reliability-soak.json
+	PATH="$(abspath $(TOOLS)/bin):$$PATH" RELIABILITY_SCALE=soak RELIABILITY_REPORT=bench/results/reliability-soak.json \
+	  $(PY) -m pytest tests/reliability --timeout 3600
 
 # --- the built-in demo model (issue 8) ---
 train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded, two runs, ~55 min on 2 busy cores)

@@ -63,64 +63,85 @@ def _free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
+class SeaweedServer:
+    """Master, volume, filer and S3 gateway on loopback ports chosen once, so the server can be
+    stopped and started again at the same address with the same data (a storage outage)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "data").mkdir(exist_ok=True)
+        self.config = workdir / "s3.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "test",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        self.master, self.volume, self.filer, self.s3 = (_free_port_pair() for _ in range(4))
+        self.endpoint = S3Endpoint(f"http://127.0.0.1:{self.s3}", ACCESS_KEY, SECRET_KEY)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> None:
+        """Start the server and wait until its S3 gateway answers."""
+        command = [
+            weed_binary(),
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={self.workdir / 'data'}",
+            f"-master.port={self.master}",
+            f"-volume.port={self.volume}",
+            f"-filer.port={self.filer}",
+            "-s3",
+            f"-s3.port={self.s3}",
+            f"-s3.config={self.config}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-volume.max=8",
+            "-master.volumeSizeLimitMB=64",
+            "-master.electionTimeout=1s",  # a single master restarting elects itself in ~1 s, not ~15 s
+        ]
+        with (self.workdir / "weed.log").open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"weed exited with {self.process.returncode}; see {self.workdir / 'weed.log'}"
+                )
+            try:
+                httpx.get(self.endpoint.url, timeout=1)
+                return
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"SeaweedFS S3 not up after {timeout}s") from None
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Kill the server, as a crash would (its graceful stop takes over 20 s); what it acknowledged
+        is on disk, so a restart on the same directory serves it again."""
+        if self.process is None:
+            return
+        self.process.kill()
+        self.process.wait()
+        self.process = None
+
+
 @contextmanager
 def running_seaweedfs(workdir: Path, timeout: float = 60) -> Iterator[S3Endpoint]:
     """Start master, volume, filer and S3 gateway on loopback; stop them on exit."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "data").mkdir(exist_ok=True)
-    config = workdir / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "test",
-                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    master, volume, filer, s3 = (_free_port_pair() for _ in range(4))
-    command = [
-        weed_binary(),
-        "server",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-dir={workdir / 'data'}",
-        f"-master.port={master}",
-        f"-volume.port={volume}",
-        f"-filer.port={filer}",
-        "-s3",
-        f"-s3.port={s3}",
-        f"-s3.config={config}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-volume.max=8",
-        "-master.volumeSizeLimitMB=64",
-    ]
-    log = (workdir / "weed.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = S3Endpoint(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY)
+    server = SeaweedServer(workdir)
+    server.start(timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"weed exited with {process.returncode}; see {workdir / 'weed.log'}")
-            try:
-                httpx.get(endpoint.url, timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"SeaweedFS S3 not up after {timeout}s") from None
-                time.sleep(0.3)
-        yield endpoint
+        yield server.endpoint
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        server.stop()

@@ -56,14 +56,14 @@ def free_port() -> int:
 
 @contextmanager
 def worker_process(
-    model_dir: Path, storage_dir: Path, *flags: str, env: dict[str, str] | None = None
+    model_dir: Path, *flags: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`python -m diffusion_worker serve` on `model_dir` with extra `flags`, ready to serve; yields the
     process (stderr piped) and its base URL. The process is killed if the test leaves it running."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "diffusion_worker", "serve", "--model", str(model_dir)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--storage-url", f"file://{storage_dir}", *flags]
+    command += ["--host", "127.0.0.1", "--port", str(port), *flags]
     process = subprocess.Popen(
         command,
         env={**os.environ, **(env or {})},

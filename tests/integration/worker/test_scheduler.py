@@ -188,9 +188,9 @@ def test_request_timeout_gives_504_and_drops_the_work(start_worker: WorkerFactor
 
 def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A real worker process: requests in flight at SIGTERM all get their images."""
-    flags = ("--drain-timeout", "600", "--max-batch-size", "1")
+    flags = ("--drain-timeout", "600", "--max-batch-size", "1", "--storage-url", f"file://{tmp_path}")
     steps = {"DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "100"}
-    with worker_process(tiny_model_dir, tmp_path, *flags, env=steps) as (process, url):
+    with worker_process(tiny_model_dir, *flags, env=steps) as (process, url):
         body = {"prompt": "p", "size": "64x64", "response_format": "b64_json"}
         with ThreadPoolExecutor(3) as pool:
             futures = [
@@ -214,9 +214,9 @@ def test_requests_still_running_when_the_drain_time_runs_out_get_503_error_objec
     """A real worker process with --drain-timeout 1 and work that needs far longer: uvicorn cancels
     what is left, and each request gets a 503 error object (not uvicorn's bare text 500); the
     running batch stops at its next step and the process exits 0."""
-    flags = ("--drain-timeout", "1", "--max-batch-size", "1")
+    flags = ("--drain-timeout", "1", "--max-batch-size", "1", "--storage-url", f"file://{tmp_path}")
     steps = {"DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "1000"}
-    with worker_process(tiny_model_dir, tmp_path, *flags, env=steps) as (process, url):
+    with worker_process(tiny_model_dir, *flags, env=steps) as (process, url):
         body = {"prompt": "p", "size": "256x256", "response_format": "b64_json"}
         with ThreadPoolExecutor(2) as pool:
             futures = [
