@@ -1,12 +1,25 @@
-"""The operator under test: a raw HTTP client for the API emulator and the operator in a thread."""
+"""The operator under test: the API emulator with the CRD installed, a raw HTTP client for it,
+what kubectl (and the Deployment controller) would do, and the operator in a thread."""
 
 from __future__ import annotations
 
+import copy
+import os
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import requests
 import yaml
+
+from diffusion_operator import constants as c
+from support.idsvc_schema import CRD_PATH
+from support.kube_emulator import EmulatorThread
+
+IDS = "/apis/imagediffusion.dev/v1alpha1/namespaces/{ns}/imagediffusionservices"
 
 
 class Client:
@@ -72,3 +85,118 @@ class OperatorThread:
         self.stop_flag.set()
         self.thread.join(20)
         assert not self.thread.is_alive(), "the operator did not stop"
+
+
+@contextmanager
+def emulated_cluster(workdir: Path) -> Iterator[EmulatorThread]:
+    """The API emulator with the CRD installed, and KUBECONFIG (for kopf and the operator's client)
+    pointing at it until the block ends."""
+    with EmulatorThread() as running:
+        kubeconfig = workdir / "config"
+        kubeconfig.write_text(running.kubeconfig())
+        saved = os.environ.get("KUBECONFIG")
+        os.environ["KUBECONFIG"] = str(kubeconfig)
+        # kopf logs in through kubernetes.config, whose default path was fixed when it was imported.
+        import kubernetes.config.kube_config as kube_config
+
+        saved_default = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kubeconfig)
+        response = Client(running.url).post(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD_PATH.read_text())
+        )
+        assert response.status_code == 201, response.text
+        try:
+            yield running
+        finally:
+            kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved_default
+            if saved is None:
+                os.environ.pop("KUBECONFIG", None)
+            else:
+                os.environ["KUBECONFIG"] = saved
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 20) -> Any:
+    """Poll until probe() returns something truthy (the operator works asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class Kubectl:
+    """What a user or a GitOps tool does, over HTTP."""
+
+    def __init__(self, cluster: EmulatorThread, namespace: str) -> None:
+        self.client = Client(cluster.url)
+        self.ns = namespace
+
+    def ids_path(self, name: str = "") -> str:
+        return IDS.format(ns=self.ns) + (f"/{name}" if name else "")
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        manifest = copy.deepcopy(manifest)
+        manifest["metadata"]["namespace"] = self.ns
+        response = self.client.apply(self.ids_path(manifest["metadata"]["name"]), manifest, manager="kubectl")
+        assert response.status_code in (200, 201), response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def get(self, path: str) -> dict[str, Any] | None:
+        response = self.client.get(path)
+        return response.json() if response.status_code == 200 else None
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        return self.get(self.ids_path(name))
+
+    def child(self, kind: str, name: str) -> dict[str, Any] | None:
+        prefix = "/apis/apps/v1" if kind == "deployments" else "/api/v1"
+        return self.get(f"{prefix}/namespaces/{self.ns}/{kind}/{name}")
+
+    def condition(self, name: str, type_: str) -> dict[str, Any] | None:
+        service = self.service(name) or {}
+        return next(
+            (cond for cond in service.get("status", {}).get("conditions", []) if cond["type"] == type_), None
+        )
+
+    def mark_deployment_available(self, name: str, replicas: int) -> None:
+        """Do what the Deployment controller does once the pods are ready."""
+        deployment = self.child("deployments", name)
+        assert deployment is not None
+        status = {
+            "observedGeneration": deployment["metadata"]["generation"],
+            "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas,
+            "availableReplicas": replicas,
+            "conditions": [{"type": "Available", "status": "True"},
+                           {"type": "Progressing", "status": "True"}],
+        }  # fmt: skip
+        path = f"/apis/apps/v1/namespaces/{self.ns}/deployments/{name}/status"
+        assert self.client.merge_patch(path, {"status": status}).status_code == 200
+
+    def events(self) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.client.get(f"/api/v1/namespaces/{self.ns}/events").json()["items"]
+        return items
+
+
+def settle(cluster: EmulatorThread, namespace: str, quiet: float = 1.5, timeout: float = 20) -> None:
+    """Wait until nothing has written in `namespace` for `quiet` seconds (trailing events are done)."""
+    deadline = time.monotonic() + timeout
+    count, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len([w for w in cluster.emulator.writes if w[2] == namespace])
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"writes in {namespace} did not settle")
+
+
+def tiny(name: str = "tiny", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name},
+        "spec": {"model": {"id": "builtin:tiny-sd"}, "resources": {"gpus": 0}, **spec},
+    }  # fmt: skip

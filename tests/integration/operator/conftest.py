@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import yaml
 
 from support.kube_emulator import EmulatorThread
-from support.operator_harness import Client, OperatorThread
-
-REPO = Path(__file__).resolve().parents[3]
-CRD_PATH = REPO / "crds" / "imagediffusion.dev_imagediffusionservices.yaml"
+from support.operator_harness import Client, OperatorThread, emulated_cluster
 
 
 @pytest.fixture
@@ -31,28 +25,8 @@ def client(emulator: EmulatorThread) -> Client:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorThread]:
     """One emulator with the CRD installed, shared by a module's tests (each test uses its own namespace)."""
-    with EmulatorThread() as running:
-        kubeconfig = tmp_path_factory.mktemp("kube") / "config"
-        kubeconfig.write_text(running.kubeconfig())
-        saved = os.environ.get("KUBECONFIG")
-        os.environ["KUBECONFIG"] = str(kubeconfig)
-        # kopf logs in through kubernetes.config, whose default path was fixed when it was imported.
-        import kubernetes.config.kube_config as kube_config
-
-        saved_default = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
-        kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kubeconfig)
-        response = Client(running.url).post(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", yaml.safe_load(CRD_PATH.read_text())
-        )
-        assert response.status_code == 201, response.text
-        try:
-            yield running
-        finally:
-            kube_config.KUBE_CONFIG_DEFAULT_LOCATION = saved_default
-            if saved is None:
-                os.environ.pop("KUBECONFIG", None)
-            else:
-                os.environ["KUBECONFIG"] = saved
+    with emulated_cluster(tmp_path_factory.mktemp("kube")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ manifests are sent with the CRD's defaults already applied where the operator re
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,99 +17,11 @@ import yaml
 
 from diffusion_operator import constants as c
 from support.kube_emulator import EmulatorThread
-from support.operator_harness import Client, OperatorThread
+from support.operator_harness import Kubectl, OperatorThread, settle, tiny, wait_for
 
 pytestmark = pytest.mark.integration
 
 SAMPLES = sorted((Path(__file__).resolve().parents[3] / "crds" / "samples").glob("*.yaml"))
-IDS = "/apis/imagediffusion.dev/v1alpha1/namespaces/{ns}/imagediffusionservices"
-
-
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 20) -> Any:
-    """Poll until probe() returns something truthy (the operator works asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
-class Kubectl:
-    """What a user or a GitOps tool does, over HTTP."""
-
-    def __init__(self, cluster: EmulatorThread, namespace: str) -> None:
-        self.client = Client(cluster.url)
-        self.ns = namespace
-
-    def ids_path(self, name: str = "") -> str:
-        return IDS.format(ns=self.ns) + (f"/{name}" if name else "")
-
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        manifest = copy.deepcopy(manifest)
-        manifest["metadata"]["namespace"] = self.ns
-        response = self.client.apply(self.ids_path(manifest["metadata"]["name"]), manifest, manager="kubectl")
-        assert response.status_code in (200, 201), response.text
-        result: dict[str, Any] = response.json()
-        return result
-
-    def get(self, path: str) -> dict[str, Any] | None:
-        response = self.client.get(path)
-        return response.json() if response.status_code == 200 else None
-
-    def service(self, name: str) -> dict[str, Any] | None:
-        return self.get(self.ids_path(name))
-
-    def child(self, kind: str, name: str) -> dict[str, Any] | None:
-        prefix = "/apis/apps/v1" if kind == "deployments" else "/api/v1"
-        return self.get(f"{prefix}/namespaces/{self.ns}/{kind}/{name}")
-
-    def condition(self, name: str, type_: str) -> dict[str, Any] | None:
-        service = self.service(name) or {}
-        return next(
-            (cond for cond in service.get("status", {}).get("conditions", []) if cond["type"] == type_), None
-        )
-
-    def mark_deployment_available(self, name: str, replicas: int) -> None:
-        """Do what the Deployment controller does once the pods are ready."""
-        deployment = self.child("deployments", name)
-        assert deployment is not None
-        status = {
-            "observedGeneration": deployment["metadata"]["generation"],
-            "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas,
-            "availableReplicas": replicas,
-            "conditions": [{"type": "Available", "status": "True"},
-                           {"type": "Progressing", "status": "True"}],
-        }  # fmt: skip
-        path = f"/apis/apps/v1/namespaces/{self.ns}/deployments/{name}/status"
-        assert self.client.merge_patch(path, {"status": status}).status_code == 200
-
-    def events(self) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = self.client.get(f"/api/v1/namespaces/{self.ns}/events").json()["items"]
-        return items
-
-
-def settle(cluster: EmulatorThread, namespace: str, quiet: float = 1.5, timeout: float = 20) -> None:
-    """Wait until nothing has written in `namespace` for `quiet` seconds (trailing events are done)."""
-    deadline = time.monotonic() + timeout
-    count, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        now = len([w for w in cluster.emulator.writes if w[2] == namespace])
-        if now != count:
-            count, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"writes in {namespace} did not settle")
-
-
-def tiny(name: str = "tiny", **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": name},
-        "spec": {"model": {"id": "builtin:tiny-sd"}, "resources": {"gpus": 0}, **spec},
-    }  # fmt: skip
 
 
 @pytest.fixture
