@@ -100,6 +100,8 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     require_key = api_key_dependency(settings)
+    metrics_auth = [Depends(require_key)] if settings.api_key_scope in ("api+metrics", "all") else []
+    probe_auth = [Depends(require_key)] if settings.api_key_scope == "all" else []
 
     @app.post(
         "/v1/images/generations",
@@ -146,11 +148,16 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
             raise APIError(404, f"No image at {key!r}", param="key", code="not_found")
         return FileResponse(path, media_type=_media_type(path.suffix))
 
-    @app.get("/health", summary="The process is up")
+    @app.get("/health", summary="The process is up", dependencies=probe_auth, responses=ERROR_RESPONSES)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="The model is loaded and the queue has room", responses={503: {}})
+    @app.get(
+        "/ready",
+        summary="The model is loaded and the queue has room",
+        dependencies=probe_auth,
+        responses=ERROR_RESPONSES,
+    )
     async def ready(request: Request) -> JSONResponse:
         scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
         if request.app.state.draining:
@@ -165,8 +172,9 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     @app.get(
         "/metrics",
         summary="Prometheus metrics",
+        dependencies=metrics_auth,
         response_class=PlainTextResponse,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses={**ERROR_RESPONSES, 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

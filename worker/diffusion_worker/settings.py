@@ -76,6 +76,11 @@ class WorkerSettings(BaseSettings):
         description="When set, /v1/* requests must send `Authorization: Bearer <key>`. Prefer the env "
         "var DIFFUSION_WORKER_API_KEY to a flag: flags show in process lists.",
     )
+    api_key_scope: Literal["api", "api+metrics", "all"] = Field(
+        "api",
+        description="Routes that need --api-key: `api` (/v1/*), `api+metrics` (also /metrics), `all` "
+        "(also /health and /ready, so probes must send the header).",
+    )
     max_request_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body accepted (413 above)."
     )

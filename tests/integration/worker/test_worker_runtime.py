@@ -42,6 +42,28 @@ def test_api_key_is_required_when_configured(start_worker: WorkerFactory) -> Non
     response = good.images.generate(prompt="p", response_format="b64_json", extra_body={"nvext": {"seed": 1}})
     assert len(response.data or []) == 1
     assert httpx.get(f"{url}/health").status_code == 200, "probes need no key"
+    assert httpx.get(f"{url}/metrics").status_code == 200, "by default neither does /metrics"
+
+
+@pytest.mark.parametrize(
+    ("scope", "open_paths", "closed_paths"),
+    [
+        ("api+metrics", ["/health", "/ready"], ["/metrics", "/v1/models"]),
+        ("all", [], ["/health", "/ready", "/metrics", "/v1/models"]),
+    ],
+)
+def test_api_key_scope_decides_whether_probes_and_metrics_need_the_key(
+    start_worker: WorkerFactory, scope: str, open_paths: list[str], closed_paths: list[str]
+) -> None:
+    url = start_worker(api_key="s3cret", api_key_scope=scope)
+    key = {"Authorization": "Bearer s3cret"}
+    for path in open_paths:
+        assert httpx.get(f"{url}{path}").status_code == 200, path
+    for path in closed_paths:
+        refused = httpx.get(f"{url}{path}")
+        assert refused.status_code == 401, path
+        assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}{path}", headers=key).status_code == 200, path
 
 
 def test_url_with_s3_storage_on_a_real_seaweedfs_server(
