@@ -26,7 +26,7 @@ from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.middleware import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
-    ShutdownCancellationMiddleware,
+    UnhandledFailureMiddleware,
 )
 from diffusion_worker.protocol import (
     CONTENT_TYPES,
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 EngineLoader = Callable[[WorkerSettings], list[Engine]]
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 502, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 502, 503, 504)
 }
 
 
@@ -96,7 +96,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     app.state.started = int(time.time())
     app.state.draining = False
     install_error_handlers(app)
-    app.add_middleware(ShutdownCancellationMiddleware, metrics=metrics)
+    app.add_middleware(UnhandledFailureMiddleware, metrics=metrics)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     require_key = api_key_dependency(settings)
@@ -264,7 +264,8 @@ def api_key_dependency(settings: WorkerSettings) -> Callable[[Request], None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every failure, FastAPI's own included, becomes an OpenAI error object."""
+    """Every failure, FastAPI's own included, becomes an OpenAI error object (exceptions no handler
+    claims are answered by UnhandledFailureMiddleware)."""
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
@@ -284,15 +285,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{message}: {request.method} {request.url.path}"
         return APIError(exc.status_code, message, code=code).response()
 
-    async def on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        metrics_of(request).failed.labels(reason="internal_error").inc()
-        return APIError(500, "Internal server error", type="server_error", code="internal_error").response()
-
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected_error)
 
 
 def validation_error_to_api_error(exc: RequestValidationError) -> APIError:

@@ -29,3 +29,11 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+def log_failure(logger: logging.Logger, what: str, error: BaseException) -> None:
+    """One ERROR line naming the failure (exception type and the first line of its message); the
+    traceback only at DEBUG, so default logs carry no stack frames or the locals they may quote."""
+    detail = str(error).splitlines()[0][:300] if str(error) else ""
+    logger.error("%s: %s%s", what, type(error).__name__, f": {detail}" if detail else "")
+    logger.debug("traceback of the failure above", exc_info=error)

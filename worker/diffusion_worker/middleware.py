@@ -10,7 +10,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffusion_worker.errors import APIError
-from diffusion_worker.logs import request_id_var
+from diffusion_worker.logs import log_failure, request_id_var
 from diffusion_worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,19 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-class ShutdownCancellationMiddleware:
-    """Answers 503 (an OpenAI error object) to a request the server cancels at shutdown.
+class UnhandledFailureMiddleware:
+    """The last resort: what no handler answered still gets an OpenAI error object.
 
-    uvicorn waits --drain-timeout for requests in flight, then cancels the rest and would answer them
-    with a bare text 500. Cancellation reaches a request task only that way (a client that goes
-    away is an `http.disconnect` message, not a cancellation), so a cancelled request whose response
-    has not started gets a 503 telling the client to retry elsewhere. A started response (a stream)
-    cannot be answered again; its connection is closed.
+    - An exception (a bug): 500 `internal_error`, logged as one line (traceback at DEBUG only).
+      Starlette's own handler for `Exception` answers too, but then re-raises, and uvicorn logs
+      the traceback; catching it here keeps stack frames out of the default logs.
+    - A cancellation: uvicorn waits --drain-timeout for requests in flight, then cancels the rest and
+      would answer them with a bare text 500. Cancellation reaches a request task only that way (a
+      client that goes away is an `http.disconnect` message), so such a request gets a 503 telling
+      the client to retry elsewhere.
+
+    A response already started (a stream) cannot be answered again; the error propagates and the
+    server closes the connection.
     """
 
     def __init__(self, app: ASGIApp, metrics: WorkerMetrics) -> None:
@@ -136,3 +141,10 @@ class ShutdownCancellationMiddleware:
                 code="shutting_down",
             )
             await gone.response()(scope, receive, send)
+        except Exception as exc:
+            log_failure(log, f"unexpected error on {scope['method']} {scope['path']}", exc)
+            self.metrics.failed.labels(reason="internal_error").inc()
+            if started:
+                raise
+            failed = APIError(500, "Internal server error", type="server_error", code="internal_error")
+            await failed.response()(scope, receive, send)

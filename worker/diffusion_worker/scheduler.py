@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffusion_worker.engine import DeviceOutOfMemoryError, Engine, GenerationBatch, GenerationCancelledError
-from diffusion_worker.logs import request_id_var
+from diffusion_worker.logs import log_failure, request_id_var
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.previews import PreviewPlan, preview_steps
 
@@ -253,7 +253,7 @@ class Scheduler:
             if isinstance(exc, DeviceOutOfMemoryError):
                 log.warning("batch of %d failed: %s", len(batch), exc)  # expected under load: no traceback
             else:
-                log.exception("generation failed on %s", engine.device)
+                log_failure(log, f"generation failed on {engine.device}", exc)
             for job in jobs:
                 job.cancelled = True
                 job.loop.call_soon_threadsafe(_fail, job.future, exc)

@@ -14,6 +14,7 @@ from typing import Any
 from diffusion_worker.encoding import encode_image
 from diffusion_worker.engine import DeviceOutOfMemoryError, GenerationBatch, ModelInfo
 from diffusion_worker.errors import APIError, invalid_param
+from diffusion_worker.logs import log_failure
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.protocol import (
     CONTENT_TYPES,
@@ -361,8 +362,8 @@ class ImageGenerationService:
                 )
         except APIError as exc:
             yield {"type": "error", **exc.body()}
-        except Exception:
-            log.exception("streamed generation failed")
+        except Exception as exc:
+            log_failure(log, "streamed generation failed", exc)
             yield {"type": "error", **APIError(500, "Internal server error", type="server_error").body()}
         finally:
             if not waiter.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import subprocess
 import sys
@@ -137,6 +138,21 @@ def test_a_failing_pipeline_gives_a_500_error_object_and_the_worker_keeps_servin
     }
     assert "secret" not in failed.text and "Traceback" not in failed.text
     assert post(url, {"prompt": "p", "response_format": "b64_json"}).status_code == 200
+
+
+def test_default_logs_carry_no_traceback_and_never_the_api_key(
+    start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    engines: list[ObservedEngine] = []
+    url = start_worker(api_key="s3cret-in-logs", engine_loader=observed_loader(engines, gated=False))
+    engines[0].fail_next = RuntimeError("boom")
+    key = {"Authorization": "Bearer s3cret-in-logs"}
+    assert post(url, {"prompt": "p", "response_format": "b64_json"}, headers=key).status_code == 500
+    assert post(url, {"prompt": "p"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert "generation failed on cpu: RuntimeError: boom" in caplog.text
+    assert not [record for record in caplog.records if record.exc_info], "a traceback reached the log"
+    assert "Traceback" not in caplog.text and "s3cret-in-logs" not in caplog.text
 
 
 def test_out_of_device_memory_gives_503_frees_the_memory_and_the_worker_keeps_serving(

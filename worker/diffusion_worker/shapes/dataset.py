@@ -25,7 +25,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES: dict[str, tuple[int, int]] = {"small": (14, 20), "large": (34, 42)}
-ANY_SIZE = (16, 40)
+# A prompt that names no size gets a medium-to-large shape, as a photo centres its subject: small
+# shapes exist only where the prompt says "small".
+ANY_SIZE = (22, 38)
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
 MARGIN = 3
 CROSS_HALF_WIDTH = 0.3
