@@ -52,17 +52,17 @@ def test_storage_outage_gives_502_storage_errors_then_recovers(
         fs.mkdir("images")
         flags = ("--storage-url", "s3://images/out", "--default-inference-steps", "2")
         with (
-            worker_process(tiny_model_dir, *flags, env=server.endpoint.env) as (_, url),
+            worker_process(tiny_model_dir, *flags, env=server.endpoint.env) as worker,
             ThreadPoolExecutor(concurrency) as pool,
         ):
-            phase_before = list(pool.map(lambda seed: send(url, seed), range(before)))
+            phase_before = list(pool.map(lambda seed: send(worker.url, seed), range(before)))
             server.stop()
             stopped_at = time.perf_counter()
-            phase_during = list(pool.map(lambda seed: send(url, seed), range(during)))
+            phase_during = list(pool.map(lambda seed: send(worker.url, seed), range(during)))
             outage_seconds = time.perf_counter() - stopped_at
-            health = httpx.get(f"{url}/health", timeout=30).status_code
+            health = httpx.get(f"{worker.url}/health", timeout=30).status_code
             server.start()
-            phase_after = list(pool.map(lambda seed: send(url, seed), range(after)))
+            phase_after = list(pool.map(lambda seed: send(worker.url, seed), range(after)))
         served = 0
         for status, _, body in phase_before + phase_during + phase_after:
             if status == 200:

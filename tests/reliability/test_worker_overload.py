@@ -50,7 +50,8 @@ def test_overload_gives_only_200_or_429_and_the_worker_stays_healthy(
                 health.append((client.get(f"{url}/health").status_code, time.perf_counter() - started))
                 done.wait(0.2)
 
-    with worker_process(tiny_model_dir, *flags) as (process, url):
+    with worker_process(tiny_model_dir, *flags) as worker:
+        process, url = worker.process, worker.url
         with (
             MemorySampler(process.pid) as memory,
             httpx.Client(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client,
@@ -63,7 +64,7 @@ def test_overload_gives_only_200_or_429_and_the_worker_stays_healthy(
             elapsed = time.perf_counter() - started
             done.set()
             prober.join()
-        assert process.poll() is None, "the worker died under load"
+        assert process.poll() is None, f"the worker died under load: {worker.log()[-4000:]}"
         assert httpx.get(f"{url}/ready", timeout=30).status_code == 200
 
     statuses = Counter(status for status, _, _ in results)

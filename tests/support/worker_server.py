@@ -7,10 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -54,38 +56,52 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclass
+class WorkerProcess:
+    """A running `python -m diffusion_worker serve`: the process, its base URL and its stderr."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the worker has written to stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+
 @contextmanager
 def worker_process(
     model_dir: Path, *flags: str, env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`python -m diffusion_worker serve` on `model_dir` with extra `flags`, ready to serve; yields the
-    process (stderr piped) and its base URL. The process is killed if the test leaves it running."""
+) -> Iterator[WorkerProcess]:
+    """`python -m diffusion_worker serve` on `model_dir` with extra `flags`, ready to serve. Its stderr
+    goes to a file (a pipe nobody reads would block the worker once 64 KiB of logs fill it). The
+    process is killed if the test leaves it running."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "diffusion_worker", "serve", "--model", str(model_dir)]
     command += ["--host", "127.0.0.1", "--port", str(port), *flags]
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the worker exited: {process.stderr.read() if process.stderr else ''}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=60).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the worker was not ready within 120s")
-            time.sleep(0.2)
-        yield process, url
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with tempfile.TemporaryDirectory(prefix="worker-log-") as logs:
+        log_path = Path(logs) / "stderr.log"
+        with log_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                command, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        worker = WorkerProcess(process, url, log_path)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the worker exited: {worker.log()}")
+                try:
+                    if httpx.get(f"{url}/ready", timeout=60).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the worker was not ready within 120s: {worker.log()}")
+                time.sleep(0.2)
+            yield worker
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

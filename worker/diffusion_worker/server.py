@@ -37,6 +37,7 @@ def serve(settings: WorkerSettings) -> int:
         log_config=None,
         access_log=settings.log_level == "debug",
         lifespan="on",
+        timeout_keep_alive=settings.keep_alive_timeout,
         timeout_graceful_shutdown=int(settings.drain_timeout),
     )
     server = DrainingServer(config, app)

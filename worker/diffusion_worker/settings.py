@@ -131,6 +131,13 @@ class WorkerSettings(BaseSettings):
         description="On SIGTERM: seconds to finish accepted requests before exiting (keep the pod's "
         "terminationGracePeriodSeconds above it).",
     )
+    keep_alive_timeout: int = Field(
+        75,
+        gt=0,
+        description="Seconds an idle client connection stays open. Keep it above the idle timeout of "
+        "the clients and load balancers in front (httpx and the openai client: 5 s; AWS ALB: 60 s), "
+        "so they close first: a server that closes first races their next request into a reset.",
+    )
     # --- defaults for requests that leave a value out ---
     default_inference_steps: int | None = Field(
         None, ge=1, description="Steps when a request gives none. Default: the pipeline's own default."

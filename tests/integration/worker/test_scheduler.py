@@ -190,7 +190,8 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny
     """A real worker process: requests in flight at SIGTERM all get their images."""
     flags = ("--drain-timeout", "600", "--max-batch-size", "1", "--storage-url", f"file://{tmp_path}")
     steps = {"DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "100"}
-    with worker_process(tiny_model_dir, *flags, env=steps) as (process, url):
+    with worker_process(tiny_model_dir, *flags, env=steps) as worker:
+        process, url = worker.process, worker.url
         body = {"prompt": "p", "size": "64x64", "response_format": "b64_json"}
         with ThreadPoolExecutor(3) as pool:
             futures = [
@@ -205,7 +206,7 @@ def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny
             blob = base64.b64decode(response.json()["data"][0]["b64_json"])
             assert Image.open(io.BytesIO(blob)).size == (64, 64)
         assert process.wait(timeout=60) == 0
-        assert "draining" in (process.stderr.read() if process.stderr else "")
+        assert "draining" in worker.log()
 
 
 def test_requests_still_running_when_the_drain_time_runs_out_get_503_error_objects(
@@ -216,7 +217,8 @@ def test_requests_still_running_when_the_drain_time_runs_out_get_503_error_objec
     running batch stops at its next step and the process exits 0."""
     flags = ("--drain-timeout", "1", "--max-batch-size", "1", "--storage-url", f"file://{tmp_path}")
     steps = {"DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "1000"}
-    with worker_process(tiny_model_dir, *flags, env=steps) as (process, url):
+    with worker_process(tiny_model_dir, *flags, env=steps) as worker:
+        process, url = worker.process, worker.url
         body = {"prompt": "p", "size": "256x256", "response_format": "b64_json"}
         with ThreadPoolExecutor(2) as pool:
             futures = [
@@ -232,7 +234,7 @@ def test_requests_still_running_when_the_drain_time_runs_out_get_503_error_objec
             assert (error["type"], error["code"]) == ("service_unavailable", "shutting_down")
             assert "retry on another replica" in error["message"]
         assert process.wait(timeout=60) == 0
-        stderr = process.stderr.read() if process.stderr else ""
+        stderr = worker.log()
         assert "cancelled at shutdown; answered 503" in stderr
         assert "Exception in ASGI application" not in stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import s3fs
 from diffusion_worker.engine import DiffusersEngine
 from support.engines import ObservedEngine, OutOfMemoryOnce, observed_loader
 from support.seaweedfs import S3Endpoint
+from support.worker_server import free_port, worker_process
 
 WorkerFactory = Callable[..., str]
 
@@ -248,7 +250,7 @@ def test_build_tiny_model_cli_writes_a_loadable_pipeline(tmp_path: Path) -> None
 
 def test_serve_builtin_model_from_flags_and_env_in_a_real_process(tmp_path: Path) -> None:
     """What `make run` does: a separate process, flags plus DIFFUSION_WORKER_* env, builtin model."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "diffusion_worker", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env={
@@ -284,9 +286,29 @@ def test_serve_builtin_model_from_flags_and_env_in_a_real_process(tmp_path: Path
     assert process.returncode == 0
 
 
-def _free_port() -> int:
-    import socket
+def test_idle_connections_outlive_the_clients_keep_alive(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """uvicorn's own default (5 s) equals httpx's and the openai client's keep-alive expiry: under
+    load some of their reused connections met a server-side close and failed with a reset (8 of
+    3000 requests here). The worker holds idle connections for --keep-alive-timeout instead."""
+    flags = ("--keep-alive-timeout", "8", "--storage-url", f"file://{tmp_path}")
+    with worker_process(tiny_model_dir, *flags) as worker:
+        port = int(urlparse(worker.url).port or 0)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            assert health_over(connection).startswith(b"HTTP/1.1 200")
+            time.sleep(6)  # longer than the clients' 5 s: the worker must not have closed yet
+            assert health_over(connection).startswith(b"HTTP/1.1 200")
+            connection.settimeout(20)
+            started = time.monotonic()
+            assert connection.recv(4096) == b"", "the worker never closed the idle connection"
+            assert time.monotonic() - started >= 7
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+
+def health_over(connection: socket.socket) -> bytes:
+    """GET /health on an open connection; the whole response."""
+    connection.sendall(b"GET /health HTTP/1.1\r\nHost: worker\r\n\r\n")
+    response = b""
+    while not response.endswith(b'{"status":"ok"}'):
+        chunk = connection.recv(4096)
+        assert chunk, f"the connection closed mid-response: {response!r}"
+        response += chunk
+    return response
