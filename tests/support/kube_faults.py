@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import kmock
 
-from support.kube_emulator import KubeApiEmulator
+from support.kube_emulator import REQUEST_LOG_LIMIT, KubeApiEmulator
 
 WRITES = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -54,20 +54,24 @@ class FaultInjector:
         self.active = True
         self.injected: Counter[str] = Counter()
         self.operator_requests = 0
-        self._decisions: dict[int, str | None] = {}
+        # kmock re-evaluates filters over its (recent) request log, so each decision is memoised per
+        # request object; the request is kept alongside so its id() is not reused while memoised.
+        self._decisions: dict[int, tuple[kmock.Request, str | None]] = {}
         self._lock = threading.Lock()
         for fault, response in FAULTS.items():
-            # kmock re-evaluates filters over its request history, so decisions are memoised by id.
             emulator[functools.partial(self._is, fault)] << response
 
     def _is(self, fault: str, request: kmock.Request) -> bool:
         with self._lock:
-            if request.id not in self._decisions:
+            key = id(request)
+            if key not in self._decisions:
                 decision = self._decide(request)
-                self._decisions[request.id] = decision
+                self._decisions[key] = (request, decision)
                 if decision is not None:
                     self.injected[decision] += 1
-            return self._decisions[request.id] == fault
+                if len(self._decisions) > 4 * REQUEST_LOG_LIMIT:  # beyond kmock's log: never asked again
+                    del self._decisions[next(iter(self._decisions))]
+            return self._decisions[key][1] == fault
 
     def _decide(self, request: kmock.Request) -> str | None:
         if not self.active or request.headers.get("User-Agent", "").startswith("python-requests"):

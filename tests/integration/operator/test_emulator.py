@@ -209,6 +209,19 @@ def test_owner_reference_garbage_collection_cascades(client: Client) -> None:
     assert client.get("/api/v1/namespaces/ns/persistentvolumeclaims/unowned").status_code == 200
 
 
+def test_a_dependent_created_after_its_owner_was_deleted_is_collected(client: Client) -> None:
+    """A controller that read the owner just before its deletion recreates a child; the real garbage
+    collector deletes it since its owner's uid no longer exists."""
+    owner = client.post(CMS, deployment("owner")).json()
+    ref = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "owner", "uid": owner["metadata"]["uid"]}
+    assert client.delete(CMS + "/owner").status_code == 200
+    late = client.post(
+        "/api/v1/namespaces/ns/services", {"metadata": {"name": "late", "ownerReferences": [ref]}}
+    )
+    assert late.status_code == 201
+    assert client.get("/api/v1/namespaces/ns/services/late").status_code == 404
+
+
 def test_orphan_propagation_keeps_dependents(client: Client) -> None:
     owner = client.post(CMS, deployment("owner")).json()
     ref = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "owner", "uid": owner["metadata"]["uid"]}
