@@ -8,6 +8,7 @@ Retry-After, and watch streams cut short, on a seeded random share of the operat
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -87,6 +88,20 @@ def converged(kubectl: Kubectl, name: str, replicas: int) -> bool:
     )
 
 
+def snapshot(kubectl: Kubectl, name: str) -> str:
+    """What a failed wait saw: the service's generation and status, its Deployment's replicas."""
+    service = kubectl.service(name) or {}
+    deployment = kubectl.child("deployments", name) or {}
+    return json.dumps(
+        {
+            "generation": service.get("metadata", {}).get("generation"),
+            "status": service.get("status"),
+            "deployment_replicas": deployment.get("spec", {}).get("replicas"),
+            "deployment_status": deployment.get("status"),
+        }
+    )
+
+
 def test_operator_converges_under_api_faults(cluster: EmulatorThread, scale: str, figures: Figures) -> None:
     count, budget = LOAD[scale]
     faults = FaultInjector(cluster.emulator, RATES, seed=6)
@@ -98,12 +113,22 @@ def test_operator_converges_under_api_faults(cluster: EmulatorThread, scale: str
         for name in names:
             kubectl.apply(tiny(name))
         for name in names:
-            wait_for(f"{name} to converge", lambda n=name: converged(kubectl, n, 1), timeout=budget)  # type: ignore[misc]
+            wait_for(
+                f"{name} to converge",
+                lambda n=name: converged(kubectl, n, 1),  # type: ignore[misc]
+                timeout=budget,
+                explain=lambda n=name: snapshot(kubectl, n),  # type: ignore[misc]
+            )
         created = time.monotonic() - started
         for name in names:  # a spec change under the same faults
             kubectl.apply(tiny(name, replicas=2))
         for name in names:
-            wait_for(f"{name} to follow", lambda n=name: converged(kubectl, n, 2), timeout=budget)  # type: ignore[misc]
+            wait_for(
+                f"{name} to follow",
+                lambda n=name: converged(kubectl, n, 2),  # type: ignore[misc]
+                timeout=budget,
+                explain=lambda n=name: snapshot(kubectl, n),  # type: ignore[misc]
+            )
         updated = time.monotonic() - started - created
         faults.active = False
         assert_exactly_the_right_children(kubectl, names)

@@ -115,15 +115,19 @@ def emulated_cluster(workdir: Path) -> Iterator[EmulatorThread]:
                 os.environ["KUBECONFIG"] = saved
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout: float = 20) -> Any:
-    """Poll until probe() returns something truthy (the operator works asynchronously)."""
+def wait_for(
+    what: str, probe: Callable[[], Any], timeout: float = 20, explain: Callable[[], str] | None = None
+) -> Any:
+    """Poll until probe() returns something truthy (the operator works asynchronously); on timeout,
+    the failure says what `explain()` reports about the state at that moment."""
     deadline = time.monotonic() + timeout
     while True:
         result = probe()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            detail = f": {explain()}" if explain else ""
+            raise AssertionError(f"timed out waiting for {what}{detail}")
         time.sleep(0.1)
 
 
