@@ -102,6 +102,17 @@ def snapshot(kubectl: Kubectl, name: str) -> str:
     )
 
 
+def wait_until_converged(kubectl: Kubectl, names: list[str], replicas: int, what: str, budget: float) -> None:
+    """Each service converged (see `converged`); a timeout reports the stuck service's state."""
+    for name in names:
+        wait_for(
+            f"{name} {what}",
+            lambda n=name: converged(kubectl, n, replicas),  # type: ignore[misc]
+            timeout=budget,
+            explain=lambda n=name: snapshot(kubectl, n),  # type: ignore[misc]
+        )
+
+
 def test_operator_converges_under_api_faults(cluster: EmulatorThread, scale: str, figures: Figures) -> None:
     count, budget = LOAD[scale]
     faults = FaultInjector(cluster.emulator, RATES, seed=6)
@@ -112,23 +123,11 @@ def test_operator_converges_under_api_faults(cluster: EmulatorThread, scale: str
         started = time.monotonic()
         for name in names:
             kubectl.apply(tiny(name))
-        for name in names:
-            wait_for(
-                f"{name} to converge",
-                lambda n=name: converged(kubectl, n, 1),  # type: ignore[misc]
-                timeout=budget,
-                explain=lambda n=name: snapshot(kubectl, n),  # type: ignore[misc]
-            )
+        wait_until_converged(kubectl, names, 1, "to converge", budget)
         created = time.monotonic() - started
         for name in names:  # a spec change under the same faults
             kubectl.apply(tiny(name, replicas=2))
-        for name in names:
-            wait_for(
-                f"{name} to follow",
-                lambda n=name: converged(kubectl, n, 2),  # type: ignore[misc]
-                timeout=budget,
-                explain=lambda n=name: snapshot(kubectl, n),  # type: ignore[misc]
-            )
+        wait_until_converged(kubectl, names, 2, "to follow", budget)
         updated = time.monotonic() - started - created
         faults.active = False
         assert_exactly_the_right_children(kubectl, names)
@@ -170,8 +169,7 @@ def test_operator_restarted_mid_reconcile_converges_without_duplicates_or_orphan
     started = time.monotonic()
     second = OperatorThread().start()
     try:
-        for name in names:
-            wait_for(f"{name} to converge", lambda n=name: converged(kubectl, n, 1), timeout=budget)  # type: ignore[misc]
+        wait_until_converged(kubectl, names, 1, "to converge", budget)
         assert_exactly_the_right_children(kubectl, names)
     finally:
         second.stop()

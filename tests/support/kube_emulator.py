@@ -360,8 +360,7 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
         if kind.plural == "customresourcedefinitions":
             self._register_crd(obj)
         refs = meta.get("ownerReferences") or []
-        live_uids = {stored["metadata"]["uid"] for stored in self._store.values()}
-        if refs and not any(ref.get("uid") in live_uids for ref in refs):
+        if refs and not any(ref.get("uid") in self._live_uids() for ref in refs):
             # Created after its owners were deleted (a controller racing the deletion): the real
             # garbage collector deletes such a dependent soon after; here at once.
             self._delete(kind, key, orphan=False)
@@ -432,9 +431,12 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
         self._remove(kind, key, obj, orphan)
         return obj
 
+    def _live_uids(self) -> set[str]:
+        return {obj["metadata"]["uid"] for obj in self._store.values()}
+
     def _collect_garbage(self, owner_uid: str, orphan: bool) -> None:
         """Delete dependents whose owners are all gone (background propagation), or orphan them."""
-        live_uids = {obj["metadata"]["uid"] for obj in self._store.values()}
+        live_uids = self._live_uids()
         for key, obj in list(self._store.items()):
             refs = obj["metadata"].get("ownerReferences") or []
             if not any(ref.get("uid") == owner_uid for ref in refs) or key not in self._store:
