@@ -29,9 +29,10 @@ def run_operator(
     liveness: bool = True,
 ) -> None:
     """Run kopf with our handlers until stopped (by a signal, or by stop_flag when given)."""
-    import diffusion_operator.handlers  # noqa: F401  (registers the handlers)
+    from diffusion_operator.handlers import build_registry
 
     kopf.run(
+        registry=build_registry(config),
         standalone=True,
         clusterwide=config.clusterwide,
         namespaces=config.namespaces,

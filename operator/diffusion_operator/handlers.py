@@ -2,7 +2,8 @@
 # mypy: disable-error-code="untyped-decorator"
 """kopf handler registrations only: each one is thin and delegates to reconcile_service.
 
-Importing this module registers the handlers in kopf's default registry.
+`build_registry(config)` registers the handlers in a fresh kopf registry, so the resync interval
+comes from the operator's configuration and each run (or test) gets its own handlers.
 """
 
 from __future__ import annotations
@@ -16,16 +17,13 @@ from typing import Any
 import kopf
 
 from diffusion_operator import constants as c
-from diffusion_operator.config import OperatorConfig, config_from_env
+from diffusion_operator.config import OperatorConfig
 from diffusion_operator.kube import ApiError, KubeApi, load_api_client
 from diffusion_operator.reconcile import Outcome, reconcile_service
 
-# Read at import: kopf needs the timer interval when the decorator runs.
-RESYNC_SECONDS = config_from_env().resync_seconds
 CHILD_FILTER = {c.LABEL_MANAGED_BY: c.OPERATOR_NAME}
 
 
-@kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Keep kopf's bookkeeping under our prefix, post only our own Events, and open the API client."""
     settings.persistence.finalizer = c.FINALIZER
@@ -36,8 +34,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 600
     settings.networking.request_timeout = 60
-    if not isinstance(getattr(memo, "config", None), OperatorConfig):
-        memo.config = config_from_env()
     if getattr(memo, "api", None) is None:
         memo.api = KubeApi(load_api_client())
     # One pass at a time per service, whichever trigger (handler, timer, child event) started it.
@@ -45,7 +41,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.locks_guard = threading.Lock()
 
 
-@kopf.on.cleanup()
 def close_client(memo: kopf.Memo, **_: Any) -> None:
     """Release the API client's connections."""
     if getattr(memo, "api", None) is not None:
@@ -72,9 +67,27 @@ def _pass(memo: kopf.Memo, body: Mapping[str, Any]) -> Outcome:
     return outcome
 
 
-@kopf.on.resume(c.GROUP, c.VERSION, c.PLURAL)
-@kopf.on.create(c.GROUP, c.VERSION, c.PLURAL)
-@kopf.on.update(c.GROUP, c.VERSION, c.PLURAL)
+def _pass_on_fresh_owner(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Re-read the service, run a pass and write its status through our own client.
+
+    Used where kopf's copy of the service may be stale (timer) or is not the service at all
+    (child events). A failed write raises TemporaryError like any other API error, so kopf retries
+    the handler; had the status gone through kopf's `patch`, kopf itself would write it after the
+    handler returned, and a failure there ends a timer for good.
+    """
+    try:
+        owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
+            return
+        outcome = _pass(memo, owner)
+        if outcome.status_delta:
+            memo.api.patch_status(namespace, name, outcome.status_delta)
+    except ApiError as exc:
+        if exc.transient:
+            raise kopf.TemporaryError(f"API error, will retry: {exc}", delay=exc.retry_after or 5) from exc
+        raise
+
+
 def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
     """Converge the children on create, on every spec change, and when the operator starts."""
     outcome = _pass(memo, body)
@@ -83,15 +96,11 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> 
         raise kopf.PermanentError(outcome.invalid)
 
 
-@kopf.timer(c.GROUP, c.VERSION, c.PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
+def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Safety net for missed watch events: the same pass, which writes nothing when nothing changed."""
-    patch.status.update(_pass(memo, body).status_delta)
+    _pass_on_fresh_owner(memo, namespace, name)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=CHILD_FILTER)
-@kopf.on.event("", "v1", "services", labels=CHILD_FILTER)
-@kopf.on.event("", "v1", "persistentvolumeclaims", labels=CHILD_FILTER)
 def child_changed(
     type: str | None,
     namespace: str | None,
@@ -100,20 +109,38 @@ def child_changed(
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    """A child changed or vanished: restore it and carry its status into the owner's status within seconds.
-
-    kopf's `patch` belongs to the child here, so the owner's status is patched through the API.
-    """
+    """A child changed or vanished: restore it and carry its status into the owner's status within seconds."""
     name = labels.get(c.LABEL_INSTANCE)
     if type is None or not name or not namespace:
         return  # the initial listing: resume already reconciles every service
     try:
-        owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
-        if owner is None or owner["metadata"].get("deletionTimestamp"):
-            return
-        outcome = _pass(memo, owner)
-        if outcome.status_delta:
-            memo.api.patch_status(namespace, name, outcome.status_delta)
+        _pass_on_fresh_owner(memo, namespace, name)
     except (ApiError, kopf.TemporaryError) as exc:
-        # The resync timer or the next event will try again.
+        # Event handlers are not retried: the resync timer or the next event will try again.
         logger.warning("could not reconcile %s/%s after a child change: %s", namespace, name, exc)
+
+
+def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+    """A kopf registry holding every handler, the resync timer at `config.resync_seconds`."""
+    registry = kopf.OperatorRegistry()
+    # A fresh registry has none of kopf's default login handlers; we log in as our own client does.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(close_client)
+    for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        decorator(c.GROUP, c.VERSION, c.PLURAL, registry=registry)(reconcile)
+    kopf.timer(
+        c.GROUP,
+        c.VERSION,
+        c.PLURAL,
+        interval=config.resync_seconds,
+        initial_delay=config.resync_seconds,
+        registry=registry,
+    )(resync)
+    for group, version, plural in (
+        ("apps", "v1", "deployments"),
+        ("", "v1", "services"),
+        ("", "v1", "persistentvolumeclaims"),
+    ):
+        kopf.on.event(group, version, plural, labels=CHILD_FILTER, registry=registry)(child_changed)
+    return registry

@@ -179,3 +179,43 @@ def test_operator_restarted_mid_reconcile_converges_without_duplicates_or_orphan
         seconds_to_converge_after_restart=round(time.monotonic() - started, 1),
         duplicates_or_orphans=0,
     )
+
+
+def test_resync_repairs_a_stale_status_even_after_its_own_status_write_failed(
+    cluster: EmulatorThread,
+) -> None:
+    """Nothing but the resync timer notices a status edited behind the operator's back (a status
+    change is not a spec change and no child changed). Its first two status writes are answered 409;
+    kopf does not retry a 409 itself, so the timer must retry its own handler instead of dying."""
+    kubectl = Kubectl(cluster, "resync-" + uuid.uuid4().hex[:6])
+    failures_left = 2
+
+    def first_operator_status_writes(request: kmock.Request) -> bool:
+        nonlocal failures_left
+        if request.headers.get("User-Agent", "").startswith("python-requests"):
+            return False  # the test's own writes go through
+        if not str(request.url.path).endswith("/status") or failures_left == 0:
+            return False
+        failures_left -= 1
+        return True
+
+    operator = OperatorThread(resync_seconds=1).start()
+    try:
+        kubectl.apply(tiny("svc"))
+        wait_until_converged(kubectl, ["svc"], 1, "to converge", 30)
+        cluster.emulator["patch", kmock.resource(c.GROUP, c.VERSION, c.PLURAL)][
+            first_operator_status_writes
+        ] << kmock.Response(status=409, payload={"kind": "Status", "code": 409, "reason": "Conflict"})
+        stale = {"readyReplicas": 0, "endpoint": "http://stale.invalid"}
+        response = kubectl.client.merge_patch(kubectl.ids_path("svc") + "/status", {"status": stale})
+        assert response.status_code == 200, response.text
+        wait_for(
+            "the timer to restore the status",
+            lambda: (kubectl.service("svc") or {}).get("status", {}).get("readyReplicas") == 1,
+            timeout=30,
+            explain=lambda: snapshot(kubectl, "svc"),
+        )
+    finally:
+        operator.stop()
+    assert failures_left == 0, "the injected 409s were never hit: the test did not exercise a failed write"
+    assert (kubectl.service("svc") or {})["status"]["endpoint"] != stale["endpoint"]

@@ -59,10 +59,12 @@ class Client:
 class OperatorThread:
     """`diffusion_operator.__main__.run_operator` (kopf, standalone) in a background thread."""
 
-    def __init__(self, worker_image: str = "registry.test/worker:dev") -> None:
+    def __init__(self, worker_image: str = "registry.test/worker:dev", resync_seconds: float = 60.0) -> None:
         from diffusion_operator.config import OperatorConfig
 
-        self.config = OperatorConfig(worker_image=worker_image, log_format="plain")
+        self.config = OperatorConfig(
+            worker_image=worker_image, log_format="plain", resync_seconds=resync_seconds
+        )
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
