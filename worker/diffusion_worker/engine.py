@@ -127,6 +127,14 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
+def enable_vae_tiling(pipeline: Any) -> None:
+    """`--vae-tiling`: the pipeline's VAE decodes large latents in tiles (diffusers' enable_tiling)."""
+    vae = getattr(pipeline, "vae", None)
+    if vae is None or not callable(getattr(vae, "enable_tiling", None)):
+        raise ModelLoadError(f"--vae-tiling: {type(pipeline).__name__} has no VAE that can decode in tiles")
+    vae.enable_tiling()
+
+
 class DiffusersEngine:
     """A diffusers text-to-image pipeline on one device."""
 
@@ -164,6 +172,8 @@ class DiffusersEngine:
                 f"could not load model {settings.model!r}: {type(exc).__name__}: {exc}"
             ) from exc
         pipeline.to(device)
+        if settings.vae_tiling:
+            enable_vae_tiling(pipeline)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
         return cls(pipeline, device, defaults)

@@ -53,6 +53,12 @@ class WorkerSettings(BaseSettings):
         description="Weights dtype. auto: bfloat16 on CUDA with bf16 support, float16 on older CUDA, "
         "float32 on CPU.",
     )
+    vae_tiling: bool = Field(
+        False,
+        description="Decode latents larger than the VAE's own sample size in overlapping tiles, so a "
+        "large image needs far less memory (at tile seams the pixels differ slightly). "
+        "Refused at start-up for a pipeline without a tiling VAE.",
+    )
     pipeline: str | None = Field(
         None,
         description="diffusers pipeline class to load the model with (e.g. StableDiffusionXLPipeline). "
@@ -228,7 +234,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per WorkerSettings field; absent flags leave env vars and defaults in force."""
     for name, field in WorkerSettings.model_fields.items():
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": field.description}
-        if typing.get_origin(field.annotation) is Literal:
+        if field.annotation is bool:  # `--vae-tiling` alone means true; `--vae-tiling false` also works
+            kwargs.update(nargs="?", const="true", type=str, metavar="BOOL")
+        elif typing.get_origin(field.annotation) is Literal:
             kwargs["choices"] = list(typing.get_args(field.annotation))
         else:
             kwargs["type"] = _scalar_type(field.annotation)

@@ -80,3 +80,13 @@ def test_readme_documents_every_flag_and_env_var() -> None:
     for name in WorkerSettings.model_fields:
         assert f"`--{name.replace('_', '-')}`" in readme, name
         assert f"`DIFFUSION_WORKER_{name.upper()}`" in readme, name
+
+
+def test_a_boolean_flag_alone_means_true_and_takes_an_explicit_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_args([]).vae_tiling is False
+    assert settings_from_args(["--vae-tiling"]).vae_tiling is True
+    assert settings_from_args(["--vae-tiling", "false"]).vae_tiling is False
+    monkeypatch.setenv("DIFFUSION_WORKER_VAE_TILING", "true")
+    assert settings_from_args([]).vae_tiling is True
+    with pytest.raises(ValidationError):
+        settings_from_args(["--vae-tiling", "sometimes"])
