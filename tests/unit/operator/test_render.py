@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -250,3 +251,15 @@ def test_children_carry_an_applied_hash_and_come_in_apply_order() -> None:
 def test_endpoint_names_service_namespace_and_port() -> None:
     assert endpoint(spec_of(), META) == "http://svc.team-a.svc:8000/v1"
     assert endpoint(spec_of(service={"port": 80}), META) == "http://svc.team-a.svc:80/v1"
+
+
+def test_a_worker_option_without_a_spec_field_is_set_through_pod_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What docs/operator.md promises for spec.pod.env: the rendered env plus the rendered flags
+    give the worker's settings (the env var is applied as the kubelet would)."""
+    spec = copy.deepcopy(FULL)
+    spec["pod"] = {"env": [{"name": "DIFFUSION_WORKER_VAE_TILING", "value": "true"}]}
+    main = container(render_deployment(parse_spec(spec), META))
+    for item in main["env"]:
+        if "value" in item:
+            monkeypatch.setenv(item["name"], item["value"])
+    assert settings_from_args(main["args"][1:]).vae_tiling is True
