@@ -9,9 +9,10 @@ comes from the operator's configuration and each run (or test) gets its own hand
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import kopf
@@ -53,15 +54,21 @@ def _lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
     return lock
 
 
-def _pass(memo: kopf.Memo, body: Mapping[str, Any]) -> Outcome:
-    metadata = body["metadata"]
+@contextlib.contextmanager
+def _transient_errors_retried() -> Iterator[None]:
+    """A transient API error becomes kopf.TemporaryError: kopf retries after Retry-After or 5 s."""
     try:
-        with _lock(memo, metadata["namespace"], metadata["name"]):
-            outcome = reconcile_service(memo.api, body, memo.config.worker_image)
+        yield
     except ApiError as exc:
         if exc.transient:
             raise kopf.TemporaryError(f"API error, will retry: {exc}", delay=exc.retry_after or 5) from exc
         raise
+
+
+def _pass(memo: kopf.Memo, body: Mapping[str, Any]) -> Outcome:
+    metadata = body["metadata"]
+    with _transient_errors_retried(), _lock(memo, metadata["namespace"], metadata["name"]):
+        outcome = reconcile_service(memo.api, body, memo.config.worker_image)
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     return outcome
@@ -75,17 +82,14 @@ def _pass_on_fresh_owner(memo: kopf.Memo, namespace: str, name: str) -> None:
     the handler; had the status gone through kopf's `patch`, kopf itself would write it after the
     handler returned, and a failure there ends a timer for good.
     """
-    try:
+    with _transient_errors_retried():
         owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
-        if owner is None or owner["metadata"].get("deletionTimestamp"):
-            return
-        outcome = _pass(memo, owner)
-        if outcome.status_delta:
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return
+    outcome = _pass(memo, owner)
+    if outcome.status_delta:
+        with _transient_errors_retried():
             memo.api.patch_status(namespace, name, outcome.status_delta)
-    except ApiError as exc:
-        if exc.transient:
-            raise kopf.TemporaryError(f"API error, will retry: {exc}", delay=exc.retry_after or 5) from exc
-        raise
 
 
 def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:

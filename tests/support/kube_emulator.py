@@ -360,7 +360,7 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
         if kind.plural == "customresourcedefinitions":
             self._register_crd(obj)
         refs = meta.get("ownerReferences") or []
-        if refs and not any(ref.get("uid") in self._live_uids() for ref in refs):
+        if refs and not self._live_uids() & {ref.get("uid") for ref in refs}:
             # Created after its owners were deleted (a controller racing the deletion): the real
             # garbage collector deletes such a dependent soon after; here at once.
             self._delete(kind, key, orphan=False)
