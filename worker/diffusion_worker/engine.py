@@ -10,8 +10,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from diffusion_worker import pipeline_options
 from diffusion_worker.model_source import ModelSourceError, model_defaults, resolve_model
 from diffusion_worker.previews import CleanLatentTap, PreviewPlan, decode_latents
+from diffusion_worker.protocol import parse_size
 from diffusion_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 FALLBACK_STEPS = 50
 FALLBACK_GUIDANCE = 7.5
 FALLBACK_SIZE = 512
+WARM_UP_PROMPT = "warm-up"
+WARM_UP_STEPS = 2
 
 
 class ModelLoadError(Exception):
@@ -127,12 +131,19 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     return getattr(torch, dtype)
 
 
-def enable_vae_tiling(pipeline: Any) -> None:
-    """`--vae-tiling`: the pipeline's VAE decodes large latents in tiles (diffusers' enable_tiling)."""
-    vae = getattr(pipeline, "vae", None)
-    if vae is None or not callable(getattr(vae, "enable_tiling", None)):
-        raise ModelLoadError(f"--vae-tiling: {type(pipeline).__name__} has no VAE that can decode in tiles")
-    vae.enable_tiling()
+def apply_pipeline_options(pipeline: Any, settings: WorkerSettings) -> None:
+    """The start-up options that change how the pipeline runs (see `pipeline_options`)."""
+    try:
+        if settings.vae_tiling:
+            pipeline_options.enable_vae_tiling(pipeline)
+        if settings.channels_last:
+            pipeline_options.use_channels_last(pipeline)
+        if settings.attention_backend:
+            pipeline_options.set_attention_backend(pipeline, settings.attention_backend)
+        if settings.compile:
+            pipeline_options.compile_denoiser(pipeline, settings.compile_mode)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 class DiffusersEngine:
@@ -172,11 +183,47 @@ class DiffusersEngine:
                 f"could not load model {settings.model!r}: {type(exc).__name__}: {exc}"
             ) from exc
         pipeline.to(device)
-        if settings.vae_tiling:
-            enable_vae_tiling(pipeline)
+        apply_pipeline_options(pipeline, settings)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
-        return cls(pipeline, device, defaults)
+        engine = cls(pipeline, device, defaults)
+        if settings.compile:
+            engine.warm_up(settings)
+        return engine
+
+    def warm_up(self, settings: WorkerSettings) -> None:
+        """Run the calls that make torch.compile build its graphs, before the port opens, so no
+        request pays for them: one image and a full batch (the batch dimension then compiles as
+        dynamic, covering every size between), with and without classifier-free guidance, at the
+        default size. A request at another size compiles once more on first use."""
+        import time
+
+        width, height = (
+            parse_size(settings.default_size, max_pixels=settings.max_pixels)
+            if settings.default_size
+            else self.info.default_size
+        )
+        default_guidance = settings.default_guidance_scale
+        if default_guidance is None:
+            default_guidance = self.info.default_guidance_scale
+        guidances = [default_guidance]
+        if self.info.supports_guidance_scale and default_guidance > 1:
+            guidances.append(1.0)
+        started = time.perf_counter()
+        for guidance in guidances:
+            for size in sorted({1, settings.max_batch_size}):
+                self.generate(
+                    GenerationBatch(
+                        prompts=[WARM_UP_PROMPT] * size,
+                        negative_prompts=None,
+                        width=width,
+                        height=height,
+                        num_inference_steps=WARM_UP_STEPS,
+                        guidance_scale=guidance,
+                        seeds=list(range(size)),
+                    )
+                )
+        log.info("warmed up the compiled %s in %.1fs", self.device, time.perf_counter() - started)
 
     def generate(
         self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None

@@ -59,6 +59,27 @@ class WorkerSettings(BaseSettings):
         "large image needs far less memory (at tile seams the pixels differ slightly). "
         "Refused at start-up for a pipeline without a tiling VAE.",
     )
+    channels_last: bool = Field(
+        False,
+        description="Store the UNet's and VAE's activations channels-last (NHWC), the layout GPU tensor "
+        "cores read directly; often faster for convolutional models with --compile.",
+    )
+    attention_backend: str | None = Field(
+        None,
+        description="diffusers attention backend for the denoiser (e.g. flash, _native_cudnn, sage). Only "
+        "transformer models whose attention dispatches through diffusers (Flux, SD3, Qwen-Image, Wan, "
+        "...) can switch; refused at start-up for UNet models, which always use PyTorch SDPA. "
+        "Default: PyTorch SDPA.",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the denoiser. The worker compiles at start-up (one image and a full "
+        "batch at the default size, with and without guidance) before it opens its port, so no request "
+        "pays for it; start-up takes that much longer. A request at another size compiles once more.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode used by --compile."
+    )
     pipeline: str | None = Field(
         None,
         description="diffusers pipeline class to load the model with (e.g. StableDiffusionXLPipeline). "

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from diffusion_worker.engine import GenerationBatch, ModelLoadError, enable_vae_tiling, load_engines
+from diffusion_worker.engine import GenerationBatch, ModelLoadError, load_engines
+from diffusion_worker.pipeline_options import enable_vae_tiling
 from diffusion_worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
@@ -60,5 +61,91 @@ def test_without_vae_tiling_a_large_image_is_decoded_whole(tiny_model_dir: Path)
 
 def test_vae_tiling_is_refused_for_a_pipeline_without_a_tiling_vae() -> None:
     """A stand-in object: no text-to-image diffusers pipeline without a VAE is at hand here."""
-    with pytest.raises(ModelLoadError, match="--vae-tiling: SimpleNamespace has no VAE"):
+    with pytest.raises(ValueError, match="--vae-tiling: SimpleNamespace has no VAE"):
         enable_vae_tiling(types.SimpleNamespace(vae=None))
+
+
+def pixels(image: Any) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_compile_builds_its_graphs_at_load_so_requests_at_the_default_size_compile_nothing(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--compile` with dynamo's "eager" backend: the real graph capture and recompilation rules,
+    without inductor's code generation (which takes about 9 minutes for the tiny UNet on this CPU;
+    the GPU benchmark, bench/gpu.py, runs the real backend). What is checked is the warm-up's
+    promise: after load, a batch of another size and a call without guidance capture no new graph."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from diffusion_worker import pipeline_options
+
+    monkeypatch.setattr(pipeline_options, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    (plain,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
+    (compiled,) = load_engines(WorkerSettings(model=str(tiny_model_dir), compile=True, max_batch_size=4))
+    assert compiled.pipeline.unet._compiled_call_impl is not None
+    graphs_after_load = counters["stats"]["unique_graphs"]
+    assert graphs_after_load >= 2
+
+    three = GenerationBatch(
+        prompts=["a red circle", "a blue square", "a cat"],
+        negative_prompts=["green"] * 3,
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        seeds=[1, 2, 3],
+    )
+    unguided = GenerationBatch(
+        prompts=["a red circle"],
+        negative_prompts=None,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        seeds=[4],
+    )
+    compiled_images = compiled.generate(three) + compiled.generate(unguided)
+    assert counters["stats"]["unique_graphs"] == graphs_after_load
+    plain_images = plain.generate(three) + plain.generate(unguided)
+    for ours, reference in zip(compiled_images, plain_images, strict=True):
+        assert np.abs(pixels(ours) - pixels(reference)).max() <= 1
+
+
+def test_compile_mode_is_passed_to_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in denoiser records the call: the mode reaches torch.compile, "default" as None."""
+    from diffusion_worker import pipeline_options
+
+    calls: list[dict[str, Any]] = []
+    denoiser = types.SimpleNamespace(compile=lambda **kwargs: calls.append(kwargs))
+    pipeline_options.compile_denoiser(types.SimpleNamespace(unet=denoiser), "max-autotune")
+    pipeline_options.compile_denoiser(types.SimpleNamespace(transformer=denoiser), "default")
+    assert calls == [{"backend": "inductor", "mode": "max-autotune"}, {"backend": "inductor", "mode": None}]
+
+
+def test_channels_last_changes_the_memory_layout_not_the_image(tiny_model_dir: Path) -> None:
+    import torch
+
+    (plain,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
+    (nhwc,) = load_engines(WorkerSettings(model=str(tiny_model_dir), channels_last=True))
+    for component in (nhwc.pipeline.unet, nhwc.pipeline.vae):
+        conv = next(m for m in component.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert not conv.weight.is_contiguous()
+    (ours,), (reference,) = nhwc.generate(batch(64)), plain.generate(batch(64))
+    assert np.abs(pixels(ours) - pixels(reference)).max() <= 1
+
+
+def test_attention_backend_is_refused_for_a_unet_whose_attention_cannot_switch(
+    tiny_model_dir: Path,
+) -> None:
+    with pytest.raises(ModelLoadError, match="UNet2DConditionModel does not go through diffusers"):
+        load_engines(WorkerSettings(model=str(tiny_model_dir), attention_backend="flash"))
+
+
+def test_an_unknown_attention_backend_is_refused_with_the_known_names(tiny_model_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="'fastest' is not one of: flash, "):
+        load_engines(WorkerSettings(model=str(tiny_model_dir), attention_backend="fastest"))

@@ -90,3 +90,14 @@ def test_a_boolean_flag_alone_means_true_and_takes_an_explicit_value(monkeypatch
     assert settings_from_args([]).vae_tiling is True
     with pytest.raises(ValidationError):
         settings_from_args(["--vae-tiling", "sometimes"])
+
+
+def test_speed_options_parse_from_flags() -> None:
+    settings = settings_from_args(
+        ["--compile", "--compile-mode", "max-autotune", "--channels-last", "--attention-backend", "flash"]
+    )
+    assert (settings.compile, settings.compile_mode, settings.channels_last) == (True, "max-autotune", True)
+    assert settings.attention_backend == "flash"
+    assert settings_from_args([]).compile is False
+    with pytest.raises(argparse.ArgumentError):
+        settings_from_args(["--compile-mode", "fastest"])
