@@ -329,8 +329,10 @@ def clip_text_config(config: dict[str, Any], tokenizer: Any) -> Any:
 
 def build_sd15(configs: dict[str, Any], placement: Placement) -> Any:
     """StableDiffusionPipeline (PNDM scheduler as shipped with SD 1.5, no safety checker)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
+
+    from diffusion_worker.tiny_model import assemble_sd_pipeline
 
     tokenizer = build_clip_tokenizer()
     scheduler = PNDMScheduler(
@@ -345,16 +347,7 @@ def build_sd15(configs: dict[str, Any], placement: Placement) -> Any:
         unet = UNet2DConditionModel(**configs["sd15_unet"])
         vae = AutoencoderKL(**configs["sd_vae"])
         text_encoder = CLIPTextModel(clip_text_config(configs["clip_l_text"], tokenizer))
-    return StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler)
 
 
 def build_sdxl(configs: dict[str, Any], placement: Placement) -> Any:
