@@ -97,6 +97,7 @@ def worker_args(spec: ServiceSpec) -> list[str]:
         flags.append(("--data-parallel-size", spec.parallelism.data_parallel))
     if spec.parallelism.context_parallel != 1:
         flags.append(("--context-parallel-size", spec.parallelism.context_parallel))
+        flags.append(("--context-parallel-mode", spec.parallelism.context_parallel_mode))
     flags += [
         ("--host", "0.0.0.0"),
         ("--port", c.WORKER_PORT),

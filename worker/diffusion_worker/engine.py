@@ -155,8 +155,9 @@ class DiffusersEngine:
         self.info = with_model_defaults(describe_pipeline(pipeline), defaults or {})
 
     @classmethod
-    def load(cls, settings: WorkerSettings, device: str) -> DiffusersEngine:
-        """Load --model through `from_pretrained` onto `device`."""
+    def load(cls, settings: WorkerSettings, device: str, *, warm: bool = True) -> DiffusersEngine:
+        """Load --model through `from_pretrained` onto `device`; with --compile, also `warm_up`
+        (unless `warm` is False: context parallelism warms up once every rank is ready)."""
         import diffusers
 
         try:
@@ -187,43 +188,9 @@ class DiffusersEngine:
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
         engine = cls(pipeline, device, defaults)
-        if settings.compile:
-            engine.warm_up(settings)
+        if settings.compile and warm:
+            warm_up(engine, settings)
         return engine
-
-    def warm_up(self, settings: WorkerSettings) -> None:
-        """Run the calls that make torch.compile build its graphs, before the port opens, so no
-        request pays for them: one image and a full batch (the batch dimension then compiles as
-        dynamic, covering every size between), with and without classifier-free guidance, at the
-        default size. A request at another size compiles once more on first use."""
-        import time
-
-        width, height = (
-            parse_size(settings.default_size, max_pixels=settings.max_pixels)
-            if settings.default_size
-            else self.info.default_size
-        )
-        default_guidance = settings.default_guidance_scale
-        if default_guidance is None:
-            default_guidance = self.info.default_guidance_scale
-        guidances = [default_guidance]
-        if self.info.supports_guidance_scale and default_guidance > 1:
-            guidances.append(1.0)
-        started = time.perf_counter()
-        for guidance in guidances:
-            for size in sorted({1, settings.max_batch_size}):
-                self.generate(
-                    GenerationBatch(
-                        prompts=[WARM_UP_PROMPT] * size,
-                        negative_prompts=None,
-                        width=width,
-                        height=height,
-                        num_inference_steps=WARM_UP_STEPS,
-                        guidance_scale=guidance,
-                        seeds=list(range(size)),
-                    )
-                )
-        log.info("warmed up the compiled %s in %.1fs", self.device, time.perf_counter() - started)
 
     def generate(
         self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
@@ -335,11 +302,49 @@ def native_size(pipeline: Any) -> tuple[int, int]:
     return (side, side)
 
 
+def warm_up(engine: Engine, settings: WorkerSettings) -> None:
+    """Run the calls that make torch.compile build its graphs, before the port opens, so no
+    request pays for them: one image and a full batch (the batch dimension then compiles as
+    dynamic, covering every size between), with and without classifier-free guidance, at the
+    default size. A request at another size compiles once more on first use."""
+    import time
+
+    width, height = (
+        parse_size(settings.default_size, max_pixels=settings.max_pixels)
+        if settings.default_size
+        else engine.info.default_size
+    )
+    default_guidance = settings.default_guidance_scale
+    if default_guidance is None:
+        default_guidance = engine.info.default_guidance_scale
+    guidances = [default_guidance]
+    if engine.info.supports_guidance_scale and default_guidance > 1:
+        guidances.append(1.0)
+    started = time.perf_counter()
+    for guidance in guidances:
+        for size in sorted({1, settings.max_batch_size}):
+            engine.generate(
+                GenerationBatch(
+                    prompts=[WARM_UP_PROMPT] * size,
+                    negative_prompts=None,
+                    width=width,
+                    height=height,
+                    num_inference_steps=WARM_UP_STEPS,
+                    guidance_scale=guidance,
+                    seeds=list(range(size)),
+                )
+            )
+    log.info("warmed up the compiled %s in %.1fs", engine.device, time.perf_counter() - started)
+
+
 def load_engines(settings: WorkerSettings) -> list[Engine]:
-    """One engine per data-parallel rank."""
-    if settings.context_parallel_size != 1:
-        raise ModelLoadError(
-            f"--context-parallel-size {settings.context_parallel_size}: context parallelism is not "
-            "implemented in this version; use --data-parallel-size to use several GPUs"
-        )
+    """One engine per data-parallel rank, or one engine over all context-parallel ranks."""
+    if settings.context_parallel_size > 1:
+        if settings.data_parallel_size > 1:
+            raise ModelLoadError(
+                "--context-parallel-size and --data-parallel-size cannot both be above 1 in this version"
+            )
+        from diffusion_worker import context_parallel
+
+        return [context_parallel.start(settings)]
     return [DiffusersEngine.load(settings, device) for device in select_devices(settings)]

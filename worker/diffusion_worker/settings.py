@@ -190,7 +190,17 @@ class WorkerSettings(BaseSettings):
         1, ge=1, description="Pipelines loaded, one per device; batches go to any free one."
     )
     context_parallel_size: int = Field(
-        1, ge=1, description="Devices that share one image (context parallelism). Only 1 is supported so far."
+        1,
+        ge=1,
+        description="GPUs that share every image (context parallelism): the worker starts one process "
+        "per GPU and splits the denoiser's attention over them. Transformer models with a diffusers "
+        "context-parallel plan only (Flux, Qwen-Image, Wan, ...); refused at start-up for others. "
+        "Cancellation and streamed previews are off with it.",
+    )
+    context_parallel_mode: Literal["ulysses", "ring"] = Field(
+        "ulysses",
+        description="How --context-parallel-size splits attention: ulysses (attention heads; the head "
+        "count must divide by the size) or ring (the token sequence).",
     )
 
     @field_validator("storage_url")

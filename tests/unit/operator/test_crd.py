@@ -126,11 +126,14 @@ BAD = {
     "size not WxH": (_with("spec.defaults", {"size": "large"}), "large"),
     "uri not s3/gs": (_with("spec.model", {"uri": "https://x"}), "https"),
 }
-# gpus defaults to 1, so dataParallel 2 x contextParallel 2 without gpus 4 is rejected too.
+# gpus defaults to 1, so contextParallel 2 without gpus 2 is rejected too.
 BAD["parallelism without gpus"] = (
-    _with("spec.resources", None)
-    | {"spec": {"model": {"id": "x"}, "parallelism": {"dataParallel": 2, "contextParallel": 2}}},
+    _with("spec.resources", None) | {"spec": {"model": {"id": "x"}, "parallelism": {"contextParallel": 2}}},
     "dataParallel * parallelism.contextParallel",
+)
+BAD["data and context parallel together"] = (
+    _with("spec.parallelism", {"dataParallel": 2, "contextParallel": 2}),
+    "cannot both be above 1",
 )
 
 

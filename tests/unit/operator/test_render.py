@@ -40,8 +40,8 @@ FULL = {
         "servedName": "sdxl",
         "pipeline": "StableDiffusionXLPipeline",
     },
-    "resources": {"gpus": 4},
-    "parallelism": {"dataParallel": 2, "contextParallel": 2},
+    "resources": {"gpus": 2},
+    "parallelism": {"contextParallel": 2, "contextParallelMode": "ring"},
     "storage": {"url": "s3://bucket/images", "publicBaseUrl": "https://cdn.example/x",
                 "urlExpirySeconds": 600},
     "limits": {"maxInferenceSteps": 80, "maxImagesPerRequest": 6, "maxPixels": 1048576, "maxBatchSize": 3,
@@ -70,9 +70,15 @@ def test_rendered_args_parse_with_the_workers_own_parser_and_match_the_spec() ->
     assert settings.default_inference_steps == 25
     assert settings.default_guidance_scale == 6.5
     assert settings.default_size == "512x512"
-    assert settings.data_parallel_size == 2
-    assert settings.context_parallel_size == 2
+    assert settings.data_parallel_size == 1
+    assert (settings.context_parallel_size, settings.context_parallel_mode) == (2, "ring")
     assert (settings.host, settings.port, str(settings.cache_dir)) == ("0.0.0.0", 8000, "/models")
+
+
+def test_data_parallel_renders_its_flag() -> None:
+    spec = {**FULL, "resources": {"gpus": 2}, "parallelism": {"dataParallel": 2}}
+    settings = settings_from_args(container(render_deployment(parse_spec(spec), META))["args"][1:])
+    assert (settings.data_parallel_size, settings.context_parallel_size) == (2, 1)
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
