@@ -103,7 +103,5 @@ soak: tools ## overload, storage outage and operator faults at soak scale; write
 	  $(PY) -m pytest tests/reliability --timeout 3600
 
 # --- the built-in demo model (issue 8) ---
-train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded, two runs, ~55 min on 2 busy cores)
+train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded; ~45 min on an idle 2-core CPU)
 	$(PY) -m diffusion_worker.shapes.train
-	$(PY) -m diffusion_worker.shapes.train --resume worker/diffusion_worker/shapes/weights --seed 1 \
-	  --vae-steps 500 --vae-lr 1e-3 --steps 900 --lr 5e-4

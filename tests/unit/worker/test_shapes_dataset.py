@@ -69,3 +69,73 @@ def test_every_grammar_word_is_one_token(word: str) -> None:
 def test_words_outside_the_grammar_still_tokenize() -> None:
     tokenizer = build_tokenizer()
     assert len(tokenizer("a teal hexagon").input_ids) > 4
+
+
+def test_a_prompt_without_size_or_position_gets_a_medium_large_shape_near_the_centre() -> None:
+    rng = np.random.default_rng(4)
+    middle = dataset.IMAGE_SIZE / 2
+    for _ in range(300):
+        scene = dataset.sample_scene(rng, say_size=0.0, say_position=0.0)
+        assert dataset.ANY_SIZE[0] <= scene.size <= dataset.ANY_SIZE[1]
+        assert all(abs(coordinate - middle) <= dataset.CENTER_JITTER for coordinate in scene.center)
+
+
+def test_a_position_in_the_prompt_moves_the_shape_there() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        scene = dataset.sample_scene(rng, say_position=1.0)
+        y, x = scene.center
+        if "top left" in scene.prompt:
+            assert y < dataset.IMAGE_SIZE / 2 and x < dataset.IMAGE_SIZE / 2
+        if "bottom right" in scene.prompt:
+            assert y > dataset.IMAGE_SIZE / 2 and x > dataset.IMAGE_SIZE / 2
+
+
+def test_training_prompts_include_empty_ones_and_bare_words() -> None:
+    rng = np.random.default_rng(6)
+    examples = [dataset.training_example(rng) for _ in range(1000)]
+    empty = [scene for scene, prompt in examples if prompt == ""]
+    bare = [(scene, prompt) for scene, prompt in examples if prompt and not prompt.startswith("a ")]
+    assert 50 <= len(empty) <= 150 and 20 <= len(bare) <= 80
+    for scene, prompt in bare:
+        assert prompt in (scene.color, scene.shape, f"{scene.color} {scene.shape}")
+
+
+def test_a_prompt_without_background_means_white_or_black_behind_white() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        scene = dataset.sample_scene(rng, say_background=0.0)
+        assert "background" not in scene.prompt
+        assert scene.background == ("black" if scene.color == "white" else "white")
+    said = [dataset.sample_scene(rng, say_background=1.0) for _ in range(300)]
+    assert all(scene.background != scene.color for scene in said)
+    assert len({scene.background for scene in said}) == len(dataset.COLORS)
+
+
+def test_a_colour_word_alone_is_trained_as_that_colour_filling_the_image() -> None:
+    rng = np.random.default_rng(8)
+    swatches = [
+        (scene, prompt)
+        for scene, prompt in (dataset.training_example(rng) for _ in range(2000))
+        if prompt in dataset.COLORS
+    ]
+    assert swatches
+    for scene, prompt in swatches:
+        image = dataset.render(scene)
+        assert (image == np.array(dataset.COLORS[prompt], dtype=np.uint8)).all()
+
+
+def test_autoencoder_images_put_shapes_of_any_size_anywhere() -> None:
+    rng = np.random.default_rng(9)
+    images = dataset.autoencoder_batch(rng, 64)
+    assert images.shape == (64, 3, dataset.IMAGE_SIZE, dataset.IMAGE_SIZE)
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    # Foreground centres spread over the frame (training scenes without a position sit in the middle).
+    off_centre = 0
+    for image in images:
+        pixels = np.round((image.transpose(1, 2, 0) + 1) * 127.5)
+        border = pixels[0, 0]
+        ys, xs = np.nonzero(np.abs(pixels - border).sum(axis=-1) > 30)
+        if len(ys) and max(abs(ys.mean() - 32), abs(xs.mean() - 32)) > 6:
+            off_centre += 1
+    assert off_centre >= 16

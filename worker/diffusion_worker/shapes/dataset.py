@@ -1,8 +1,11 @@
 """Procedural images of one coloured shape on a plain background, with the prompt that describes them.
 
-Grammar: "a [small|large] [COLOR] SHAPE [in the POSITION] [on a COLOR background]". Words left out
-are drawn at random, so "a circle" means a circle of any colour anywhere. Nothing is downloaded:
-every image is drawn on the fly from a seeded generator.
+Grammar: "a [small|large] [COLOR] SHAPE [in the POSITION] [on a COLOR background]". A colour left out
+is drawn at random; a size or position left out means medium-large near the centre; a background
+left out means white (black behind a white shape), as a product photo. So "a circle" is a circle of
+any colour in the middle of a white image. A colour word alone ("red") means that colour filling the
+image, which is what gives a negative prompt "red" something to steer away from. Nothing is
+downloaded: every image is drawn on the fly from a seeded generator.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES: dict[str, tuple[int, int]] = {"small": (14, 20), "large": (34, 42)}
-# A prompt that names no size gets a medium-to-large shape, as a photo centres its subject: small
-# shapes exist only where the prompt says "small".
-ANY_SIZE = (22, 38)
+# A prompt that names no size or position gets a medium-large shape near the centre, as a photo
+# frames its subject: small shapes and corners exist only where the prompt asks for them.
+ANY_SIZE = (28, 36)
+CENTER_JITTER = 2.0
+DEFAULT_BACKGROUND = "white"
+DEFAULT_BACKGROUND_BEHIND_WHITE = "black"
+AUTOENCODER_SIZES = (12, 46)
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
 MARGIN = 3
 CROSS_HALF_WIDTH = 0.3
@@ -113,7 +120,8 @@ def _position_center(position: str, size: float, rng: np.random.Generator) -> tu
     low, high = MARGIN + size / 2, IMAGE_SIZE - MARGIN - size / 2
     middle = IMAGE_SIZE / 2
     if position == "center":
-        return (middle + rng.uniform(-3, 3), middle + rng.uniform(-3, 3))
+        jitter = rng.uniform(-CENTER_JITTER, CENTER_JITTER, size=2)
+        return (middle + float(jitter[0]), middle + float(jitter[1]))
     vertical, horizontal = position.split()
     y = (
         rng.uniform(low, max(low, middle - size / 4))
@@ -126,6 +134,17 @@ def _position_center(position: str, size: float, rng: np.random.Generator) -> tu
         else rng.uniform(min(high, middle + size / 4), high)
     )
     return (y, x)
+
+
+def default_background(color: str) -> str:
+    """The background of a prompt that names none: white, or black behind a white shape."""
+    return DEFAULT_BACKGROUND_BEHIND_WHITE if color == DEFAULT_BACKGROUND else DEFAULT_BACKGROUND
+
+
+def swatch(color: str) -> Scene:
+    """`color` filling the whole image: what a colour word alone ("red") is trained to mean."""
+    middle = IMAGE_SIZE / 2
+    return Scene(color, SHAPES[0], color, (middle, middle), float(IMAGE_SIZE), color)
 
 
 def describe(
@@ -168,37 +187,58 @@ def sample_scene(
         sh = shape or SHAPES[rng.integers(len(SHAPES))]
         if (fg, sh) not in exclude or (color and shape):
             break
-    bg = background or fg
+    say_bg = background is not None or rng.random() < say_background
+    bg = background or (fg if say_bg else default_background(fg))
     while bg == fg:
         bg = color_names[rng.integers(len(color_names))]
     size_word = list(SIZES)[rng.integers(len(SIZES))] if rng.random() < say_size else None
     low, high = SIZES[size_word] if size_word else ANY_SIZE
     size = float(rng.uniform(low, high))
     position = POSITIONS[rng.integers(len(POSITIONS))] if rng.random() < say_position else None
-    if position:
-        center = _position_center(position, size, rng)
-    else:
-        low_c, high_c = MARGIN + size / 2, IMAGE_SIZE - MARGIN - size / 2
-        center = (float(rng.uniform(low_c, high_c)), float(rng.uniform(low_c, high_c)))
+    center = _position_center(position or "center", size, rng)
     prompt = describe(
         fg if (color or rng.random() < say_color) else None,
         sh,
-        bg if (background or rng.random() < say_background) else None,
+        bg if say_bg else None,
         size_word,
         position,
     )
     return Scene(fg, sh, bg, (float(center[0]), float(center[1])), size, prompt)
 
 
-def training_prompt(scene: Scene, rng: np.random.Generator, drop: float = 0.1, fragment: float = 0.05) -> str:
-    """The scene's prompt; sometimes empty (for classifier-free guidance) or a bare word (so a
-    negative prompt such as "red" means something to the model)."""
+def training_example(
+    rng: np.random.Generator, drop: float = 0.1, fragment: float = 0.05
+) -> tuple[Scene, str]:
+    """A scene and the prompt it is trained with: usually its grammar sentence, sometimes empty (for
+    classifier-free guidance) or words without the grammar: a colour alone is a `swatch`, and
+    "circle" or "red circle" is the scene (so a negative prompt means something to the model)."""
+    scene = sample_scene(rng)
     roll = rng.random()
     if roll < drop:
-        return ""
+        return scene, ""
     if roll < drop + fragment:
-        return [scene.color, scene.shape, f"{scene.color} {scene.shape}"][rng.integers(3)]
-    return scene.prompt
+        kind = int(rng.integers(3))
+        if kind == 0:
+            return swatch(scene.color), scene.color
+        return scene, scene.shape if kind == 1 else f"{scene.color} {scene.shape}"
+    return scene, scene.prompt
+
+
+def autoencoder_batch(rng: np.random.Generator, batch_size: int) -> np.ndarray:
+    """Images for the autoencoder: shapes of any size anywhere (wider than what prompts ask for, so
+    the latent space is not tuned to one framing), and now and then a swatch."""
+    images = np.empty((batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    for index in range(batch_size):
+        scene = sample_scene(rng)
+        if rng.random() < 0.05:
+            scene = swatch(scene.color)
+        else:
+            size = float(rng.uniform(*AUTOENCODER_SIZES))
+            low, high = MARGIN + size / 2, IMAGE_SIZE - MARGIN - size / 2
+            center = (float(rng.uniform(low, high)), float(rng.uniform(low, high)))
+            scene = Scene(scene.color, scene.shape, scene.background, center, size, scene.prompt)
+        images[index] = render(scene).transpose(2, 0, 1) / 127.5 - 1
+    return images
 
 
 def training_batch(rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, list[str]]:
@@ -206,7 +246,7 @@ def training_batch(rng: np.random.Generator, batch_size: int) -> tuple[np.ndarra
     images = np.empty((batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     prompts = []
     for index in range(batch_size):
-        scene = sample_scene(rng)
+        scene, prompt = training_example(rng)
         images[index] = render(scene).transpose(2, 0, 1) / 127.5 - 1
-        prompts.append(training_prompt(scene, rng))
+        prompts.append(prompt)
     return images, prompts
