@@ -79,14 +79,17 @@ def test_stream_events_are_server_sent_events_on_the_wire(worker_url: str) -> No
 
 def test_disconnect_mid_stream_frees_the_pipeline(start_worker: WorkerFactory) -> None:
     engines: list[ObservedEngine] = []
-    url = start_worker(engine_loader=observed_loader(engines, gated=False), max_inference_steps=300)
+    # 64x64 keeps a step at milliseconds (256x256 on the tiny model is 4096-token attention, ~2 s a
+    # step on a 2-core CPU, which made the first preview arrive only after minutes); 600 steps keep
+    # the call running long after the first preview, so the hang-up lands mid-call.
+    url = start_worker(engine_loader=observed_loader(engines, gated=False), max_inference_steps=600)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     stream = client.images.generate(
         prompt="p",
         stream=True,
         partial_images=3,
-        size="256x256",
-        extra_body={"nvext": {"num_inference_steps": 300}},
+        size="64x64",
+        extra_body={"nvext": {"num_inference_steps": 600}},
     )
     first = next(iter(stream))
     assert first.type == "image_generation.partial_image"
@@ -96,7 +99,7 @@ def test_disconnect_mid_stream_frees_the_pipeline(start_worker: WorkerFactory) -
     )
     assert len(follow_up.data or []) == 1
     assert engines[0].cancelled_calls == 1
-    assert engines[0].steps_run[0] < 400
+    assert engines[0].steps_run[0] < 600
 
 
 def test_a_streamed_request_can_share_a_batch(start_worker: WorkerFactory) -> None:
