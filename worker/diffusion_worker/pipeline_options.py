@@ -63,12 +63,7 @@ def set_attention_backend(pipeline: Any, backend: str) -> None:
     if backend not in known:
         raise ValueError(f"--attention-backend {backend!r} is not one of: {', '.join(known)}")
     denoiser = denoiser_of(pipeline)
-    dispatching = [
-        module
-        for module in denoiser.modules()
-        if hasattr(getattr(module, "processor", None), "_attention_backend")
-    ]
-    if not dispatching:
+    if not any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in denoiser.modules()):
         raise ValueError(
             f"--attention-backend: the attention of {type(denoiser).__name__} does not go through "
             "diffusers' attention backends (it always uses PyTorch's scaled_dot_product_attention); "
