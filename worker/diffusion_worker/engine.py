@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import logging
@@ -79,6 +80,8 @@ class ModelInfo:
     supports_negative_prompt: bool
     supports_guidance_scale: bool
     supports_step_callback: bool = False
+    # The most denoising steps the pipeline's scheduler can run; None when it sets no known limit.
+    max_steps: int | None = None
 
 
 class Engine(Protocol):
@@ -274,7 +277,30 @@ def describe_pipeline(pipeline: Any) -> ModelInfo:
         supports_negative_prompt="negative_prompt" in parameters,
         supports_guidance_scale="guidance_scale" in parameters,
         supports_step_callback="callback_on_step_end" in parameters,
+        max_steps=scheduler_step_limit(getattr(pipeline, "scheduler", None)),
     )
+
+
+def scheduler_step_limit(scheduler: Any) -> int | None:
+    """The most steps `scheduler` can run, found by setting its timesteps on a copy; None if unknown.
+
+    A scheduler that indexes its noise table by timestep (DDIM, PNDM, DPM-Solver, ...) is limited
+    by the table's length: DDIM and PNDM with `steps_offset=1` asked for all 1000 steps produce
+    timestep 1000 and fail with an IndexError halfway through the call. Flow-matching schedulers
+    have no such table and no such limit.
+    """
+    train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if not isinstance(train_steps, int) or getattr(scheduler, "alphas_cumprod", None) is None:
+        return None
+    probe = copy.deepcopy(scheduler)
+    for count in range(train_steps, 0, -1):
+        try:
+            probe.set_timesteps(count)
+        except ValueError:  # more steps than this scheduler allows
+            continue
+        if float(probe.timesteps.min()) >= 0 and float(probe.timesteps.max()) < train_steps:
+            return count
+    return None
 
 
 def with_model_defaults(info: ModelInfo, defaults: Mapping[str, Any]) -> ModelInfo:

@@ -56,36 +56,41 @@ class RequestDefaults:
     steps: int
     guidance_scale: float
     quality_steps: dict[str, int]
+    max_steps: int
+    # Why `max_steps` is what it is, for the error message of a request that asks for more.
+    max_steps_source: str = "--max-inference-steps"
 
     @classmethod
     def resolve(cls, settings: WorkerSettings, info: ModelInfo) -> RequestDefaults:
-        """Combine settings and model defaults; a default step count never exceeds the cap."""
+        """Combine settings and model defaults; no step count, default or asked, exceeds the cap:
+        --max-inference-steps, or fewer when the model's scheduler cannot run that many."""
         size = (
             parse_size(settings.default_size, max_pixels=settings.max_pixels)
             if settings.default_size
             else None
         )
+        cap, source = settings.max_inference_steps, "--max-inference-steps"
+        if info.max_steps is not None and info.max_steps < cap:
+            cap, source = info.max_steps, f"the most {info.pipeline_class}'s scheduler can run"
+            log.info("the model's scheduler runs at most %d steps; requests are capped there", cap)
         steps = settings.default_inference_steps or info.default_steps
-        if steps > settings.max_inference_steps:
-            log.warning(
-                "default steps %d exceed --max-inference-steps %d; using %d",
-                steps,
-                settings.max_inference_steps,
-                settings.max_inference_steps,
-            )
-            steps = settings.max_inference_steps
+        if steps > cap:
+            log.warning("default steps %d exceed %s (%d); using %d", steps, source, cap, cap)
+            steps = cap
         guidance = settings.default_guidance_scale
         quality_steps = {
-            quality: max(1, min(settings.max_inference_steps, round(steps * factor)))
+            quality: max(1, min(cap, round(steps * factor)))
             for quality, factor in QUALITY_STEP_FACTORS.items()
         }
         for quality, count in (settings.quality_steps or {}).items():
-            quality_steps[quality] = min(settings.max_inference_steps, count)
+            quality_steps[quality] = min(cap, count)
         return cls(
             size=size or info.default_size,
             steps=steps,
             guidance_scale=info.default_guidance_scale if guidance is None else guidance,
             quality_steps=quality_steps,
+            max_steps=cap,
+            max_steps_source=source,
         )
 
 
@@ -146,11 +151,11 @@ class ImageGenerationService:
         seed = None
         if nvext is not None:
             if nvext.num_inference_steps is not None:
-                if nvext.num_inference_steps > settings.max_inference_steps:
+                if nvext.num_inference_steps > self.defaults.max_steps:
                     raise invalid_param(
                         "nvext.num_inference_steps",
-                        f"`nvext.num_inference_steps` must be at most {settings.max_inference_steps} "
-                        f"(--max-inference-steps), got {nvext.num_inference_steps}",
+                        f"`nvext.num_inference_steps` must be at most {self.defaults.max_steps} "
+                        f"({self.defaults.max_steps_source}), got {nvext.num_inference_steps}",
                         code="too_many_steps",
                     )
                 steps = nvext.num_inference_steps

@@ -129,7 +129,11 @@ class WorkerSettings(BaseSettings):
     )
     # --- limits ---
     max_inference_steps: int = Field(
-        50, ge=1, le=1000, description="Largest nvext.num_inference_steps accepted."
+        50,
+        ge=1,
+        le=1000,
+        description="Largest nvext.num_inference_steps accepted; lower if the model's scheduler cannot run "
+        "that many (DDIM and PNDM stop at 999).",
     )
     max_images_per_request: int = Field(10, ge=1, le=128, description="Largest `n` accepted.")
     max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="Largest width*height accepted for `size`.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import httpx
@@ -15,6 +16,7 @@ from PIL import Image
 pytestmark = pytest.mark.integration
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+WorkerFactory = Callable[..., str]
 
 
 def decode(b64: str | None) -> bytes:
@@ -136,6 +138,20 @@ def test_step_cap_is_a_400_naming_the_limit(client: openai.OpenAI) -> None:
     assert isinstance(error, dict)
     assert error["param"] == "nvext.num_inference_steps"
     assert "at most 20" in error["message"] and "21" in error["message"]
+
+
+def test_steps_the_models_scheduler_cannot_run_are_a_400_not_a_crash(start_worker: WorkerFactory) -> None:
+    """The tiny model's DDIM scheduler (steps_offset=1) fails inside diffusers at 1000 steps (an
+    IndexError, which was a 500); the worker caps requests at 999 though --max-inference-steps
+    allows 1000. That 999 runs through is checked on the scheduler alone in test_step_limit.py:
+    999 steps of a pipeline take minutes on this CPU."""
+    url = start_worker(max_inference_steps=1000)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="p", extra_body={"nvext": {"num_inference_steps": 1000}})
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "nvext.num_inference_steps"
+    assert "at most 999" in error["message"] and "scheduler" in error["message"]
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,25 @@ def test_settings_defaults_override_the_model(tmp_path: Path) -> None:
 
 def test_default_steps_above_the_cap_are_lowered_to_it(tmp_path: Path) -> None:
     assert RequestDefaults.resolve(WorkerSettings(model="m", max_inference_steps=20), INFO).steps == 20
+
+
+def test_a_scheduler_limit_below_the_setting_caps_requests_and_is_named(tmp_path: Path) -> None:
+    info = dataclasses.replace(INFO, max_steps=999)
+    svc = service(tmp_path, info, max_inference_steps=1000, quality_steps={"high": 1000})
+    assert svc.build_batch(request(nvext={"num_inference_steps": 999})).num_inference_steps == 999
+    assert svc.build_batch(request(quality="high")).num_inference_steps == 999
+    with pytest.raises(APIError) as caught:
+        svc.build_batch(request(nvext={"num_inference_steps": 1000}))
+    assert caught.value.param == "nvext.num_inference_steps"
+    assert "at most 999" in caught.value.message
+    assert "StableDiffusionPipeline's scheduler" in caught.value.message
+
+
+def test_a_scheduler_limit_above_the_setting_changes_nothing(tmp_path: Path) -> None:
+    svc = service(tmp_path, dataclasses.replace(INFO, max_steps=1000), max_inference_steps=30)
+    with pytest.raises(APIError) as caught:
+        svc.build_batch(request(nvext={"num_inference_steps": 31}))
+    assert "at most 30 (--max-inference-steps)" in caught.value.message
 
 
 def test_n_images_get_consecutive_seeds_and_their_own_prompts(tmp_path: Path) -> None:
