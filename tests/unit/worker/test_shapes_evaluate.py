@@ -84,3 +84,49 @@ def test_evaluation_cases_cover_every_held_out_pair_and_only_seen_pairs_otherwis
     assert {case.shape for case in seen} == set(dataset.SHAPES)
     for case in held + seen:
         assert case.prompt.startswith(f"a {case.color} {case.shape} on a ")
+
+
+def said_size_and_position(prompt: str) -> tuple[str | None, str | None]:
+    words = f" {prompt} "
+    size = next((word for word in dataset.SIZES if f" {word} " in words), None)
+    position = next((place for place in dataset.POSITIONS if f" in the {place} " in words), None)
+    return size, position
+
+
+def test_measure_recovers_the_size_and_position_a_prompt_asks_for() -> None:
+    rng = np.random.default_rng(3)
+    checked = hits = 0
+    for _ in range(300):
+        scene = dataset.sample_scene(rng, exclude=frozenset(), say_size=1.0, say_position=1.0)
+        size, position = said_size_and_position(scene.prompt)
+        assert size is not None and position is not None, scene.prompt
+        checked += 1
+        hits += evaluate.adheres(dataset.render(scene), scene.color, scene.shape, size, position)
+    # A small shape "in the top left" may sit as little as 4 px off the middle and read as neither
+    # (2 of these 300 miss: that, and a 16 px cross read as a diamond).
+    assert hits / checked >= 0.98
+
+
+def test_size_and_position_words_of_known_placements() -> None:
+    assert [evaluate.size_word(extent) for extent in (16, 30, 40)] == ["small", None, "large"]
+    assert evaluate.position_word((32.0, 33.0)) == "center"
+    assert evaluate.position_word((12.0, 50.0)) == "top right"
+    assert evaluate.position_word((50.0, 14.0)) == "bottom left"
+    assert evaluate.position_word((32.0, 12.0)) is None
+
+
+def test_a_shape_in_the_wrong_place_or_size_does_not_adhere() -> None:
+    scene = dataset.Scene("red", "circle", "white", (16.0, 16.0), 16.0, "")
+    image = dataset.render(scene)
+    assert evaluate.adheres(image, "red", "circle", "small", "top left")
+    assert not evaluate.adheres(image, "red", "circle", "large", "top left")
+    assert not evaluate.adheres(image, "red", "circle", "small", "bottom left")
+    assert evaluate.adheres(image, "red", "circle")
+
+
+def test_placement_cases_are_seen_pairs_in_every_corner_and_the_center() -> None:
+    assert {case.position for case in evaluate.PLACEMENT_CASES} == set(dataset.POSITIONS)
+    assert {case.size for case in evaluate.PLACEMENT_CASES} == set(dataset.SIZES)
+    for case in evaluate.PLACEMENT_CASES:
+        assert (case.color, case.shape) not in dataset.HELD_OUT
+        assert said_size_and_position(case.prompt) == (case.size, case.position)

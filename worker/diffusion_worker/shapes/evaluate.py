@@ -2,7 +2,8 @@
 
 The background is the median colour of the border; the foreground is the largest connected region
 that differs from it. Its colour is the nearest palette colour to its median (edges eroded away);
-its shape is the grammar template that best overlaps it when stretched over its bounding box.
+its shape is the grammar template that best overlaps it when stretched over its bounding box; its
+size is the longer side of that box and its position is where the box's centre lies.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_worker.shapes.dataset import COLORS, SHAPES, shape_mask
+from diffusion_worker.shapes.dataset import COLORS, IMAGE_SIZE, SHAPES, describe, shape_mask
 
 FOREGROUND_DISTANCE = 60.0
 MIN_FOREGROUND_PIXELS = 12
 BORDER = 2
+# The grammar draws "small" 14-20 px across, "large" 34-42 and an unsaid size 28-36.
+SMALL_MAX_EXTENT = 24
+LARGE_MIN_EXTENT = 32
+# "in the center" jitters by 2 px; a corner puts the centre at least size/4 off the middle.
+CENTER_TOLERANCE = 4.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,9 @@ class Measurement:
     shape: str | None
     shape_score: float
     foreground_pixels: int
+    # (y, x) of the centre of the foreground's bounding box, and the box's longer side in pixels.
+    center: tuple[float, float] | None = None
+    extent: int = 0
 
 
 def nearest_color(rgb: np.ndarray) -> str:
@@ -118,13 +127,42 @@ def measure(image: np.ndarray) -> Measurement:
     core = inner if inner.sum() >= MIN_FOREGROUND_PIXELS // 2 else mask
     color = nearest_color(np.median(pixels[core], axis=0))
     shape, score = classify_shape(mask)
-    return Measurement(nearest_color(background), color, shape, score, count)
+    ys, xs = np.nonzero(mask)
+    # The box's centre, not the centre of mass: a triangle's mass sits low in the box it was drawn in.
+    center = (float(ys.min() + ys.max() + 1) / 2, float(xs.min() + xs.max() + 1) / 2)
+    extent = int(max(ys.max() - ys.min(), xs.max() - xs.min()) + 1)
+    return Measurement(nearest_color(background), color, shape, score, count, center, extent)
 
 
-def adheres(image: np.ndarray, color: str, shape: str) -> bool:
-    """True when the image's foreground has the asked colour and shape."""
+def size_word(extent: int) -> str | None:
+    """The size word ("small", "large") for a foreground this many pixels across; None in between."""
+    if extent <= SMALL_MAX_EXTENT:
+        return "small"
+    return "large" if extent >= LARGE_MIN_EXTENT else None
+
+
+def position_word(center: tuple[float, float]) -> str | None:
+    """The position word for a point: "center", or the corner ("top left", ...) it lies towards;
+    None for a point near the middle of one axis but not the other."""
+    dy, dx = (coordinate - IMAGE_SIZE / 2 for coordinate in center)
+    if max(abs(dy), abs(dx)) <= CENTER_TOLERANCE:
+        return "center"
+    if min(abs(dy), abs(dx)) <= CENTER_TOLERANCE:
+        return None
+    return f"{'top' if dy < 0 else 'bottom'} {'left' if dx < 0 else 'right'}"
+
+
+def adheres(
+    image: np.ndarray, color: str, shape: str, size: str | None = None, position: str | None = None
+) -> bool:
+    """True when the image's foreground has the asked colour and shape, and size and position when
+    they are asked for."""
     found = measure(image)
-    return found.color == color and found.shape == shape
+    if found.color != color or found.shape != shape or found.center is None:
+        return False
+    if size is not None and size_word(found.extent) != size:
+        return False
+    return position is None or position_word(found.center) == position
 
 
 def redness(image: np.ndarray) -> float:
@@ -138,11 +176,13 @@ def redness(image: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class AdherenceCase:
-    """One prompt to draw and what its foreground must be."""
+    """One prompt to draw and what its foreground must be (size and position only if given)."""
 
     prompt: str
     color: str
     shape: str
+    size: str | None = None
+    position: str | None = None
 
 
 # A generator: prompts and seeds in, (H, W, 3) uint8 images out.
@@ -154,7 +194,7 @@ def adherence(draw: Draw, cases: Iterable[AdherenceCase], seeds: Sequence[int]) 
     hits = total = 0
     for case in cases:
         images = draw([case.prompt] * len(seeds), seeds)
-        hits += sum(adheres(image, case.color, case.shape) for image in images)
+        hits += sum(adheres(image, case.color, case.shape, case.size, case.position) for image in images)
         total += len(seeds)
     return hits / total if total else 0.0
 
@@ -181,7 +221,7 @@ def evaluation_cases(held_out: bool) -> list[AdherenceCase]:
     Each pair gets a background that differs from its colour (rotating through the palette), so a
     prompt reads "a red square on a blue background".
     """
-    from diffusion_worker.shapes.dataset import HELD_OUT, describe
+    from diffusion_worker.shapes.dataset import HELD_OUT
 
     if held_out:
         pairs = sorted(HELD_OUT)
@@ -199,6 +239,17 @@ def evaluation_cases(held_out: bool) -> list[AdherenceCase]:
     return cases
 
 
+# Seen colour/shape pairs with a size and a position: each corner, both sizes, and the centre.
+PLACEMENT_CASES = tuple(
+    AdherenceCase(describe(color, shape, background, size, position), color, shape, size, position)
+    for color, shape, background, size, position in (
+        ("red", "circle", "white", "small", "top left"),
+        ("blue", "square", "yellow", "large", "bottom right"),
+        ("green", "triangle", "black", "small", "top right"),
+        ("orange", "cross", "white", "large", "bottom left"),
+        ("purple", "diamond", "white", "small", "center"),
+    )
+)
 NEGATIVE_PROMPT_CASE = ("a red circle", "red")
 # The README's pictures: (prompt, seed), drawn at the model's defaults. The third is a held-out pair.
 EXAMPLES = (
@@ -217,7 +268,8 @@ def measure_model(
     pipeline: Any, seeds_per_prompt: int, *, steps: int, guidance_scale: float
 ) -> dict[str, Any]:
     """The figures the README and training.json report: adherence on seen and held-out pairs at the
-    given guidance and at 1.0, red pixels with and without a "red" negative prompt, time per image."""
+    given guidance and at 1.0, size and position as asked, red pixels with and without a "red"
+    negative prompt, time per image."""
     seeds = list(range(1000, 1000 + seeds_per_prompt))
     seen, held = evaluation_cases(held_out=False), evaluation_cases(held_out=True)
     guided = pipeline_drawer(pipeline, num_inference_steps=steps, guidance_scale=guidance_scale)
@@ -239,6 +291,8 @@ def measure_model(
         "adherence_held_out": adherence(guided, held, seeds),
         "adherence_seen_guidance_1": adherence(unguided, seen, seeds),
         "adherence_held_out_guidance_1": adherence(unguided, held, seeds),
+        "prompts_placement": [case.prompt for case in PLACEMENT_CASES],
+        "adherence_size_position": adherence(guided, PLACEMENT_CASES, seeds),
         "redness_a_red_circle": mean_redness(guided, prompt, seeds),
         "redness_a_red_circle_negative_red": mean_redness(avoiding, prompt, seeds),
         "seconds_per_image_one_call": round(seconds_per_image, 3),
