@@ -52,6 +52,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
+        "--text-layers",
+        type=int,
+        default=model.TEXT_LAYERS,
+        help="transformer layers of the text encoder (0: each word's state is its embedding plus its "
+        "position, untouched by the words around it; fewer layers mix words less)",
+    )
+    parser.add_argument(
         "--snr-gamma",
         type=float,
         default=5.0,
@@ -173,7 +180,7 @@ def train_denoiser(
         unet = UNet2DConditionModel.from_pretrained(args.resume / "unet")
     else:
         text_encoder = model.build_text_encoder(
-            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, args.text_layers
         )
         unet = model.build_unet()
     unet.train()
