@@ -227,8 +227,8 @@ def training_example(
 def autoencoder_batch(rng: np.random.Generator, batch_size: int) -> np.ndarray:
     """Images for the autoencoder: shapes of any size anywhere (wider than what prompts ask for, so
     the latent space is not tuned to one framing), and now and then a swatch."""
-    images = np.empty((batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    for index in range(batch_size):
+    scenes = []
+    for _ in range(batch_size):
         scene = sample_scene(rng)
         if rng.random() < 0.05:
             scene = swatch(scene.color)
@@ -237,16 +237,17 @@ def autoencoder_batch(rng: np.random.Generator, batch_size: int) -> np.ndarray:
             low, high = MARGIN + size / 2, IMAGE_SIZE - MARGIN - size / 2
             center = (float(rng.uniform(low, high)), float(rng.uniform(low, high)))
             scene = Scene(scene.color, scene.shape, scene.background, center, size, scene.prompt)
-        images[index] = render(scene).transpose(2, 0, 1) / 127.5 - 1
-    return images
+        scenes.append(scene)
+    return pixels(scenes)
+
+
+def pixels(scenes: list[Scene]) -> np.ndarray:
+    """The scenes rendered as float32 (B, 3, H, W) in [-1, 1], the range the autoencoder works in."""
+    images = np.stack([render(scene).transpose(2, 0, 1) for scene in scenes]) / 127.5 - 1
+    return images.astype(np.float32)
 
 
 def training_batch(rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, list[str]]:
     """`batch_size` images as float32 (B, 3, H, W) in [-1, 1] and their training prompts."""
-    images = np.empty((batch_size, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    prompts = []
-    for index in range(batch_size):
-        scene, prompt = training_example(rng)
-        images[index] = render(scene).transpose(2, 0, 1) / 127.5 - 1
-        prompts.append(prompt)
-    return images, prompts
+    scenes, prompts = zip(*(training_example(rng) for _ in range(batch_size)), strict=True)
+    return pixels(list(scenes)), list(prompts)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from diffusion_worker.shapes.dataset import COLORS, IMAGE_SIZE, SHAPES, describe, shape_mask
+from diffusion_worker.shapes.dataset import COLORS, HELD_OUT, IMAGE_SIZE, SHAPES, describe, shape_mask
 
 FOREGROUND_DISTANCE = 60.0
 MIN_FOREGROUND_PIXELS = 12
@@ -221,8 +221,6 @@ def evaluation_cases(held_out: bool) -> list[AdherenceCase]:
     Each pair gets a background that differs from its colour (rotating through the palette), so a
     prompt reads "a red square on a blue background".
     """
-    from diffusion_worker.shapes.dataset import HELD_OUT
-
     if held_out:
         pairs = sorted(HELD_OUT)
     else:
