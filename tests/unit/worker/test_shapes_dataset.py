@@ -29,6 +29,16 @@ def test_training_scenes_never_show_a_held_out_pair() -> None:
     assert all(scene.color != scene.background for scene in scenes)
 
 
+def test_shapes_are_drawn_in_proportion_to_their_weights() -> None:
+    rng = np.random.default_rng(3)
+    shapes = [dataset.sample_scene(rng).shape for _ in range(6000)]
+    total = sum(dataset.SHAPE_WEIGHTS.values())
+    for shape in dataset.SHAPES:
+        share = shapes.count(shape) / len(shapes)
+        assert share == pytest.approx(dataset.SHAPE_WEIGHTS[shape] / total, abs=0.02), shape
+    assert dataset.SHAPE_WEIGHTS["diamond"] > dataset.SHAPE_WEIGHTS["circle"]
+
+
 def test_asking_for_a_held_out_pair_draws_it() -> None:
     color, shape = sorted(dataset.HELD_OUT)[0]
     scene = dataset.sample_scene(np.random.default_rng(1), color=color, shape=shape)
