@@ -28,8 +28,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # How often each shape is drawn, relative to the others. A diamond is the hardest: its template sits
-# between the circle's and the cross's, so slightly rounded or pinched corners make it one of them,
-# and it was the only shape a model trained on equal shares got wrong (seen and held out alike).
+# between the circle's and the cross's, so blunted or pinched tips make it one of them. With equal
+# shares one diamond prompt came out right on at most 5 of 8 seeds in two of three training runs.
 SHAPE_WEIGHTS: dict[str, float] = {"circle": 1, "square": 1, "triangle": 1, "diamond": 2, "cross": 1}
 _SHAPE_P = np.array([SHAPE_WEIGHTS[shape] for shape in SHAPES]) / sum(SHAPE_WEIGHTS.values())
 SIZES: dict[str, tuple[int, int]] = {"small": (14, 20), "large": (34, 42)}
