@@ -80,8 +80,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="take the autoencoder from this pipeline directory instead of training one "
         "(to try UNet settings without repeating stage 1)",
     )
-    parser.add_argument("--eval-seeds", type=int, default=8, help="seeds per prompt in the final measurement")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--eval-seeds",
+        type=int,
+        default=8,
+        help="seeds per prompt in the final measurement (0: no measurement; training.json says null)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("threads", "vae_batch", "vae_crop", "steps", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("vae_steps", "eval_seeds"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must not be negative")
+    return args
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 50) -> float:
@@ -273,10 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_seconds = time.monotonic() - started
     pipeline = model.assemble_pipeline(tokenizer, text_encoder, vae, unet, model.build_scheduler())
     pipeline.set_progress_bar_config(disable=True)
-    metrics = evaluate.measure_model(
-        pipeline, args.eval_seeds, steps=model.DEFAULT_STEPS, guidance_scale=model.DEFAULT_GUIDANCE
-    )
-    log.info("metrics %s", metrics)
+    metrics = None
+    if args.eval_seeds:
+        metrics = evaluate.measure_model(
+            pipeline, args.eval_seeds, steps=model.DEFAULT_STEPS, guidance_scale=model.DEFAULT_GUIDANCE
+        )
+        log.info("metrics %s", metrics)
     record = {
         "command": "python -m diffusion_worker.shapes.train "
         + " ".join(sys.argv[1:] if argv is None else argv),
