@@ -1,7 +1,7 @@
 """`make train-demo-model`'s script, run for a few steps: seeded, and its output is a pipeline that
 loads through `DiffusionPipeline.from_pretrained` and draws (issue 8).
 
-The full recipe takes half an hour or more on a 2-core CPU, so here each stage runs 3 steps with
+The full recipe takes 20 to 45 min on a 2-core CPU, so here each stage runs 3 steps with
 batches of 4; the code path is the one the committed weights came from.
 """
 

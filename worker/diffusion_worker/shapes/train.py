@@ -136,7 +136,7 @@ def train_autoencoder(args: argparse.Namespace, rng: np.random.Generator) -> Any
     else:
         vae = model.build_vae()
     trainable = [parameter for parameter in vae.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.vae_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=args.vae_lr, weight_decay=0.0, fused=True)
     started = time.monotonic()
     for step in range(args.vae_steps):
         for group in optimizer.param_groups:
@@ -199,7 +199,8 @@ def train_denoiser(
     text_encoder.train()
     noise_schedule = DDPMScheduler.from_config(model.build_scheduler().config)
     parameters = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
+    # fused: one kernel updates every parameter, instead of a dozen small ops per parameter tensor.
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01, fused=True)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema_parameters = [*ema_unet.parameters(), *ema_text.parameters()]
     torch_generator = torch.Generator().manual_seed(args.seed)
