@@ -2,7 +2,7 @@
 loads through `DiffusionPipeline.from_pretrained` and draws (issue 8).
 
 The full recipe takes 20 to 45 min on a 2-core CPU, so here each stage runs 3 steps with
-batches of 4; the code path is the one the committed weights came from.
+batches of 4, through the same code as `make train-demo-model`.
 """
 
 from __future__ import annotations
