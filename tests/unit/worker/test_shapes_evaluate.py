@@ -73,7 +73,9 @@ def test_adherence_counts_hits_over_cases_and_seeds() -> None:
         ]
 
     case = evaluate.AdherenceCase("a red circle on a white background", "red", "circle")
+    other = evaluate.AdherenceCase("a blue circle", "blue", "circle")
     assert evaluate.adherence(draw, [case], [0, 1]) == 0.5
+    assert evaluate.hits_per_case(draw, [case, other], [0, 1, 1]) == {case.prompt: 1, other.prompt: 2}
 
 
 def test_evaluation_cases_cover_every_held_out_pair_and_only_seen_pairs_otherwise() -> None:
