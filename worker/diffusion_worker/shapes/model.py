@@ -14,9 +14,15 @@ from diffusion_worker.tiny_model import assemble_sd_pipeline, build_clip_tokeniz
 
 TOKENIZER_MAX_LENGTH = 24
 TEXT_HIDDEN_SIZE = 64
-# One layer: held-out adherence was 0.825 with two, 0.9 with one and 0.8 with none (one seeded run
-# each, same steps). The likely reason: CLIP's text encoder is causal, so the deeper it is, the more
-# "diamond" after "yellow" (a pair never trained) is a state the UNet never saw; it drew a blob.
+# One layer. CLIP's text encoder is causal, so with a layer every state after the colour word has
+# seen colour and shape together, and the UNet reads the colour from those states (splice in another
+# prompt's states from the shape word on and it draws that prompt's colour). A held-out pair is then
+# a state the UNet never saw: in three of five one-layer runs "yellow diamond" was wrong on 15 to 27
+# of 32 seeds, mostly drawn as a circle.
+# With no layer (`--text-layers 0`: each word's state is its embedding plus its position) shapes
+# generalised but colours did not: the held-out purple cross came out blue (right on 0 to 2 of 32
+# seeds) in three of six runs (bench/results/shapes-text-encoder-xeon2-2026-11-30.json; README).
+# Two layers: held-out 0.825 in the one run tried.
 TEXT_LAYERS = 1
 LATENT_CHANNELS = 4
 VAE_BLOCKS = (16, 32, 32)
