@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
+
+from serving import machine, versions
 
 TRAINING_KEYS = (
     "command",
@@ -30,18 +29,6 @@ TRAINING_KEYS = (
     "wall_seconds_total_training",
     "final_loss_mean_last_100",
 )
-
-
-def cpu_name() -> str:
-    """The CPU's model name as lscpu gives it (platform.processor() is often empty on Linux)."""
-    try:
-        listing = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    for line in listing.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def measure_run(directory: Path, seeds: int, threads: int) -> dict[str, Any]:
@@ -88,10 +75,6 @@ def measure_run(directory: Path, seeds: int, threads: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    import diffusers
-    import torch
-    import transformers
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("runs", nargs="+", help="NAME=DIRECTORY, one per trained pipeline")
     parser.add_argument("--seeds", type=int, default=32, help="seeds per prompt")
@@ -110,16 +93,8 @@ def main() -> int:
         "what": "builtin:shapes training runs measured by bench/shapes_seeds.py: adherence at the "
         f"model's defaults over {args.seeds} seeds per prompt (seeds 1000-{999 + args.seeds}); the "
         "issue's target is 0.9 on both seen and held-out pairs. " + args.note,
-        "machine": {
-            "cpu": cpu_name(),
-            "cores": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(),
-        },
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__,
-        },
+        "machine": machine(),
+        "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),
         "runs": runs,
     }

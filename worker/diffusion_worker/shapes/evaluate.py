@@ -201,10 +201,14 @@ def hits_per_case(draw: Draw, cases: Iterable[AdherenceCase], seeds: Sequence[in
     return hits
 
 
+def hit_rate(hits: dict[str, int], seeds_per_case: int) -> float:
+    """The fraction of images right, from `hits_per_case`'s counts."""
+    return sum(hits.values()) / (len(hits) * seeds_per_case) if hits and seeds_per_case else 0.0
+
+
 def adherence(draw: Draw, cases: Iterable[AdherenceCase], seeds: Sequence[int]) -> float:
     """Fraction of (case, seed) pairs whose image matches the case's colour and shape."""
-    hits = hits_per_case(draw, cases, seeds)
-    return sum(hits.values()) / (len(hits) * len(seeds)) if hits and seeds else 0.0
+    return hit_rate(hits_per_case(draw, cases, seeds), len(seeds))
 
 
 def pipeline_drawer(pipeline: object, **call_kwargs: object) -> Draw:
@@ -294,8 +298,8 @@ def measure_model(
         "seeds_per_prompt": seeds_per_prompt,
         "prompts_seen": [case.prompt for case in seen],
         "prompts_held_out": [case.prompt for case in held],
-        "adherence_seen": sum(seen_hits.values()) / (len(seen) * len(seeds)),
-        "adherence_held_out": sum(held_hits.values()) / (len(held) * len(seeds)),
+        "adherence_seen": hit_rate(seen_hits, len(seeds)),
+        "adherence_held_out": hit_rate(held_hits, len(seeds)),
         "hits_per_prompt": {**seen_hits, **held_hits},
         "adherence_seen_guidance_1": adherence(unguided, seen, seeds),
         "adherence_held_out_guidance_1": adherence(unguided, held, seeds),
