@@ -103,5 +103,5 @@ soak: tools ## overload, storage outage and operator faults at soak scale; write
 	  $(PY) -m pytest tests/reliability --timeout 3600
 
 # --- the built-in demo model (issue 8) ---
-train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded; 20 to 45 min on an idle 2-core CPU)
+train-demo-model: setup ## retrain builtin:shapes on the CPU (seeded; 18 min on an idle 2-core Xeon)
 	$(PY) -m diffusion_worker.shapes.train

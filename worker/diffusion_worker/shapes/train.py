@@ -38,7 +38,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads (use 1 on a 2-core CPU that is busy)"
     )
-    parser.add_argument("--vae-steps", type=int, default=2000)
+    parser.add_argument(
+        "--vae-steps", type=int, default=1500, help="autoencoder steps (0 with --resume: keep its decoder)"
+    )
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument(
@@ -57,6 +59,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=model.TEXT_LAYERS,
         help="transformer layers of the text encoder (0: each word's state is its embedding plus its "
         "position, untouched by the words around it; fewer layers mix words less)",
+    )
+    parser.add_argument(
+        "--pooled-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=model.POOLED_PROMPT,
+        help="also feed the attention-pooled prompt to every UNet block through the time embedding "
+        "(--no-pooled-prompt: the words reach the UNet by cross-attention only)",
     )
     parser.add_argument(
         "--snr-gamma",
@@ -194,7 +203,7 @@ def train_denoiser(
         text_encoder = model.build_text_encoder(
             len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, args.text_layers
         )
-        unet = model.build_unet()
+        unet = model.build_unet(args.pooled_prompt)
     unet.train()
     text_encoder.train()
     noise_schedule = DDPMScheduler.from_config(model.build_scheduler().config)
