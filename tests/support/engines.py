@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from diffusion_worker.engine import (
     DiffusersEngine,
@@ -83,32 +83,68 @@ def observed_loader(holder: list[ObservedEngine], *, gated: bool) -> Callable[[W
     return load
 
 
-class OutOfMemoryOnce:
-    """Stands in for an engine's pipeline whose next call runs out of device memory, then puts the
-    real pipeline back. A CPU cannot produce a real CUDA out-of-memory error, so this raises
-    `torch.cuda.OutOfMemoryError` itself, from a frame holding an activation-sized tensor, and keeps
-    only a weak reference to that tensor: `leaked()` tells whether anything still holds it."""
+class OutOfMemoryWhen:
+    """Stands in for an engine's pipeline: a call for which `runs_out(kwargs)` is true runs out of
+    device memory, either at once or (with `at_step`) after the real pipeline has run that many
+    steps; every other call is the real pipeline's. A CPU cannot produce a real CUDA out-of-memory
+    error, so this raises `torch.cuda.OutOfMemoryError` itself, from a frame holding an
+    activation-sized tensor, and keeps only a weak reference to that tensor: `leaked()` tells
+    whether anything still holds it. `restore()` puts the real pipeline back."""
 
-    def __init__(self, engine: DiffusersEngine, activation_elements: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        engine: DiffusersEngine,
+        runs_out: Callable[[dict[str, Any]], bool],
+        *,
+        at_step: int | None = None,
+        activation_elements: int = 4 * 1024 * 1024,
+    ) -> None:
         self.engine = engine
         self.real = engine.pipeline
+        self.runs_out = runs_out
+        self.at_step = at_step
         self.activation_elements = activation_elements
         self.activations: weakref.ref[Any] | None = None
+        self.failures = 0
         engine.pipeline = self
+
+    @classmethod
+    def once(cls, engine: DiffusersEngine, **kwargs: Any) -> OutOfMemoryWhen:
+        """The next call runs out of memory, later ones do not."""
+        calls = iter([True])
+        return cls(engine, lambda _: next(calls, False), **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
     def __call__(self, **kwargs: Any) -> Any:
+        if not self.runs_out(kwargs):
+            return self.real(**kwargs)
+        if self.at_step is None:
+            self._raise()
+        callback = kwargs["callback_on_step_end"]
+
+        def run_out_at_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+            result = callback(pipe, step, timestep, tensors)
+            if step + 1 == self.at_step:
+                self._raise()
+            return result
+
+        return self.real(**{**kwargs, "callback_on_step_end": run_out_at_step})
+
+    def _raise(self) -> NoReturn:
         import torch
 
-        self.engine.pipeline = self.real
+        self.failures += 1
         activations = torch.ones(self.activation_elements)
         self.activations = weakref.ref(activations)
         raise torch.cuda.OutOfMemoryError(
             "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.15 GiB total capacity)"
         )
 
+    def restore(self) -> None:
+        self.engine.pipeline = self.real
+
     def leaked(self) -> bool:
-        """True while the tensor the failed call allocated is still alive."""
+        """True while the tensor the last failed call allocated is still alive."""
         return self.activations is not None and self.activations() is not None

@@ -31,3 +31,18 @@ def _probe(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if dist.get_rank() == 0:
         rows, step = float(sample.shape[0]), float(torch.as_tensor(timestep).flatten()[0])
         SUMS.append((float(value[0]) / rows, float(value[1]) / step if step else 2.0))
+
+
+def fail_on_rows(rows: int, ranks: tuple[int, ...], pipeline: Any, settings: Any) -> None:
+    """The lockstep probe, plus a failure: on the given ranks, a denoiser call of `rows` rows raises
+    ValueError before its all-reduce, so the other ranks (if any) are left waiting in it. Bind
+    the first two arguments with functools.partial (spawned ranks need a picklable hook)."""
+    import torch.distributed as dist
+
+    def fail(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        if sample.shape[0] == rows and dist.get_rank() in ranks:
+            raise ValueError(f"rank {dist.get_rank()} refuses {rows} rows")
+
+    pipeline.unet.register_forward_pre_hook(fail, with_kwargs=True)
+    all_reduce_each_denoiser_call(pipeline, settings)

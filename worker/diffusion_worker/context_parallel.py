@@ -3,24 +3,41 @@
 Rank 0 is the serving process. At start-up it checks that the model can be split, starts ranks
 1..K-1 as child processes, and all K join one torch.distributed group; each loads the pipeline on
 its own GPU and splits the denoiser's attention over the group with diffusers'
-`ContextParallelConfig` (ulysses or ring). Each batch the scheduler hands rank 0 is first broadcast
-to the others, so all ranks make the same pipeline call with the same seeds; rank 0 returns the
-images, the others drop theirs. Closing broadcasts a stop and waits for the children.
+`ContextParallelConfig` (ulysses or ring). Each batch the scheduler hands rank 0 is first sent to
+the others, so all ranks make the same pipeline call with the same seeds; rank 0 returns the
+images, the others drop theirs and report how their call ended. Closing sends a stop and waits for
+the children.
+
+Batches and outcomes travel over pipes, not over the process group: a rank waiting for work must
+notice when rank 0 is gone, and rank 0 must notice when a rank is. Failures:
+- a call that fails on every rank (an input the pipeline refuses, or every rank out of memory at
+  the same step) fails that batch only; the ranks are still in step and carry on, and an
+  out-of-memory batch is retried smaller by the scheduler, as on one GPU;
+- a call that fails on some ranks only leaves the others blocked in a collective inside the
+  denoiser, which nothing can end; a rank that exits, or ranks still in a batch `grace` seconds
+  after another rank finished or failed it, stop the worker (exit status 70) so that Kubernetes
+  restarts the pod instead of it hanging with its GPUs held.
 
 Limits: no step callbacks (a rank cannot stop early alone without leaving the others waiting in a
-collective), so cancellation and streamed previews are off; a failure on one rank (an
-out-of-memory error, say) stops the worker rather than the one batch.
+collective), so cancellation and streamed previews are off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import multiprocessing
+import os
 import socket
-from collections.abc import Callable
-from typing import Any
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, NoReturn
 
 from diffusion_worker.engine import (
     DiffusersEngine,
@@ -35,12 +52,22 @@ from diffusion_worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-# How long a rank waits in a collective (for a batch, or for the others) before giving up.
+# How long a rank waits in a collective inside the pipeline (or to join the group) before giving up.
 COLLECTIVE_TIMEOUT = dt.timedelta(hours=1)
+# How long ranks may still be in a batch after another rank finished or failed it.
+OUTCOME_GRACE_SECONDS = 120.0
+# The worker's exit status when the ranks fall out of step (EX_SOFTWARE).
+EXIT_OUT_OF_STEP = 70
 # Rank -> device. On GPUs rank r uses cuda:r; tests give CPU ranks.
 DeviceForRank = Callable[[int], str]
 # Splits the loaded pipeline's denoiser over the process group (diffusers' enable_parallelism).
 Parallelize = Callable[[Any, WorkerSettings], None]
+# Ends the worker when its ranks can no longer work together; gets the reason.
+StopWorker = Callable[[str], None]
+
+
+class RanksOutOfStepError(Exception):
+    """The ranks can no longer work together; the worker is being stopped."""
 
 
 def enable_context_parallel(pipeline: Any, settings: WorkerSettings) -> None:
@@ -95,45 +122,193 @@ def check_gpus(settings: WorkerSettings) -> None:
         )
 
 
-class ContextParallelEngine:
-    """Rank 0's engine: each `generate` fans the batch out to every rank, then runs its share."""
+@dataclass
+class Rank:
+    """Rank 0's handle on one of the other ranks."""
 
-    def __init__(self, engine: DiffusersEngine, processes: list[Any]) -> None:
+    number: int
+    process: Any  # multiprocessing.Process
+    batches: Connection  # rank 0 sends (batch number, batch) or None (stop)
+    outcomes: Connection  # the rank answers (batch number, None or the error)
+
+
+@dataclass
+class _Progress:
+    """What rank 0 knows of the batch in hand; guarded by ContextParallelEngine._condition."""
+
+    batch: int = 0
+    running: bool = False  # rank 0's own call for `batch` has not ended
+    failed_at: float | None = None  # when another rank first reported failing `batch`
+    outcomes: dict[int, str | None] = field(default_factory=dict)  # rank -> error, for `batch`
+
+
+class ContextParallelEngine:
+    """Rank 0's engine: each `generate` hands the batch to every rank, makes it here, and waits
+    for the others to report; a monitor thread stops the worker when the ranks fall out of step."""
+
+    def __init__(
+        self,
+        engine: DiffusersEngine,
+        ranks: list[Rank],
+        *,
+        grace: float = OUTCOME_GRACE_SECONDS,
+        stop_worker: StopWorker | None = None,
+    ) -> None:
         self.engine = engine
-        self.processes = processes
+        self.ranks = ranks
+        self.processes = [rank.process for rank in ranks]
         self.device = engine.device
         self.info = dataclasses.replace(engine.info, supports_step_callback=False)
+        self.grace = grace
+        self._stop_worker = stop_worker or exit_worker(self.processes)
+        self._condition = threading.Condition()
+        self._progress = _Progress()
+        self._closing = False
+        self._stopped: str | None = None
+        self._monitor = threading.Thread(target=self._watch, name="context-parallel-monitor", daemon=True)
+        self._monitor.start()
 
     def generate(
         self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
     ) -> list[Any]:
-        """Broadcast `batch`, then make it here; `keep_going` and `previews` are not supported."""
-        broadcast(batch)
-        return self.engine.generate(batch)
+        """Make `batch` on every rank; `keep_going` and `previews` are not supported."""
+        with self._condition:
+            if self._stopped is not None:
+                raise RanksOutOfStepError(self._stopped)
+            number = self._progress.batch + 1
+            self._progress = _Progress(batch=number, running=True)
+        for rank in self.ranks:
+            try:
+                rank.batches.send((number, batch))
+            except OSError as exc:
+                self._stop(f"rank {rank.number} cannot be reached ({exc})")
+                raise RanksOutOfStepError(f"rank {rank.number} cannot be reached") from exc
+        error: BaseException | None = None
+        try:
+            images = self.engine.generate(batch)
+        except BaseException as exc:  # re-raised below once the other ranks have answered
+            error = exc
+        with self._condition:
+            progress = self._progress
+            progress.running = False
+            answered = self._condition.wait_for(
+                lambda: len(progress.outcomes) == len(self.ranks) or self._stopped is not None,
+                timeout=self.grace,
+            )
+        failed = {rank: message for rank, message in progress.outcomes.items() if message}
+        if not answered:
+            missing = sorted({rank.number for rank in self.ranks} - set(progress.outcomes))
+            ending = f"failed: {error}" if error is not None else "finished"
+            self._stop(
+                f"rank(s) {missing} still in batch {number} {self.grace:g}s after rank 0 {ending}; "
+                "they are blocked in a collective"
+            )
+        if self._stopped is not None:
+            raise RanksOutOfStepError(self._stopped)
+        if error is not None:
+            raise error
+        if failed:  # after the last collective (the VAE decode, say): rank 0's images are whole
+            log.warning("batch %d: rank 0 made it, but %s", number, describe(failed))
+        return images
+
+    def _watch(self) -> None:
+        """Read the ranks' outcomes; stop the worker when a rank exits, or when rank 0 is still
+        in a batch `grace` seconds after another rank failed it."""
+        by_pipe = {rank.outcomes: rank for rank in self.ranks}
+        by_sentinel = {rank.process.sentinel: rank for rank in self.ranks}
+        while True:
+            ready = wait([*by_pipe, *by_sentinel], timeout=min(1.0, self.grace / 4))
+            with self._condition:
+                if self._closing or self._stopped is not None:
+                    return
+            for item in ready:
+                if item in by_pipe:
+                    self._record(by_pipe[item])
+            for item in ready:
+                if item in by_sentinel:
+                    rank = by_sentinel[item]
+                    rank.process.join(timeout=5)  # reaps it, so that exitcode is known
+                    self._stop(f"rank {rank.number} exited (status {rank.process.exitcode})")
+                    return
+            with self._condition:
+                progress = self._progress
+                # A rank that finished passed every collective, so rank 0 did too; one that failed
+                # may have left rank 0 waiting in one.
+                stuck = (
+                    progress.running
+                    and progress.failed_at is not None
+                    and time.monotonic() - progress.failed_at > self.grace
+                )
+                failed = {rank: message for rank, message in progress.outcomes.items() if message}
+            if stuck:
+                self._stop(
+                    f"rank 0 still in batch {progress.batch} {self.grace:g}s after {describe(failed)}; "
+                    "it is blocked in a collective"
+                )
+                return
+
+    def _record(self, rank: Rank) -> None:
+        try:
+            number, error = rank.outcomes.recv()
+        except (EOFError, OSError):
+            return  # the rank is exiting; its sentinel says so
+        with self._condition:
+            progress = self._progress
+            if number != progress.batch:
+                return
+            progress.outcomes[rank.number] = error
+            if error is not None and progress.failed_at is None:
+                progress.failed_at = time.monotonic()
+            self._condition.notify_all()
+
+    def _stop(self, reason: str) -> None:
+        with self._condition:
+            first = self._stopped is None
+            self._stopped = self._stopped or reason
+            self._condition.notify_all()
+        if first:
+            self._stop_worker(reason)
 
     def close(self) -> None:
         """Tell the other ranks to stop, wait for them, leave the group."""
         import torch.distributed as dist
 
+        with self._condition:
+            self._closing = True
         try:
-            broadcast(None)
+            for rank in self.ranks:
+                with contextlib.suppress(OSError):
+                    rank.batches.send(None)
         finally:
             for process in self.processes:
                 process.join(timeout=60)
                 if process.is_alive():
                     process.kill()
+            self._monitor.join(timeout=10)
             if dist.is_initialized():
                 dist.destroy_process_group()
             self.engine.close()
 
 
-def broadcast(batch: GenerationBatch | None) -> GenerationBatch | None:
-    """Rank 0 sends `batch` (None: stop); the other ranks get it back."""
-    import torch.distributed as dist
+def describe(failed: Mapping[int, str | None]) -> str:
+    """'rank 1 failed it (ValueError: ...)', for logs."""
+    return "; ".join(f"rank {rank} failed it ({message})" for rank, message in sorted(failed.items()))
 
-    message: list[GenerationBatch | None] = [batch]
-    dist.broadcast_object_list(message, src=0)
-    return message[0]
+
+def exit_worker(processes: list[Any]) -> StopWorker:
+    """The production StopWorker: log why, kill the other ranks, and end this process at once
+    (a thread blocked in a collective cannot be joined, so a clean shutdown would hang)."""
+
+    def stop(reason: str) -> NoReturn:
+        log.critical("context parallel ranks out of step: %s; stopping the worker", reason)
+        for process in processes:
+            with contextlib.suppress(Exception):
+                process.kill()
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(EXIT_OUT_OF_STEP)
+
+    return stop
 
 
 def join_group(settings: WorkerSettings, rank: int, address: str, device: str) -> None:
@@ -152,18 +327,55 @@ def join_group(settings: WorkerSettings, rank: int, address: str, device: str) -
     )
 
 
-def follow(settings: WorkerSettings, rank: int, address: str, device: str, parallelize: Parallelize) -> None:
-    """Ranks 1..K-1: load, split, then make every batch rank 0 broadcasts until it says stop."""
+def follow(
+    settings: WorkerSettings,
+    rank: int,
+    address: str,
+    device: str,
+    parallelize: Parallelize,
+    batches: Connection,
+    outcomes: Connection,
+) -> None:
+    """Ranks 1..K-1: load, split, then make every batch rank 0 sends and report how it ended,
+    until rank 0 says stop or is gone."""
     import torch.distributed as dist
 
     join_group(settings, rank, address, device)
     try:
         engine = DiffusersEngine.load(settings, device, warm=False)
         parallelize(engine.pipeline, settings)
-        while (batch := broadcast(None)) is not None:
-            engine.generate(batch)
+        outcomes.send((0, None))  # loaded and split: ready for batch 1
+        while True:
+            try:
+                message = batches.recv()
+            except EOFError:
+                break  # rank 0 is gone
+            if message is None:
+                break
+            number, batch = message
+            error = None
+            try:
+                engine.generate(batch)
+            except Exception as exc:  # rank 0 decides what it means: sent back, not raised
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("rank %d, batch %d: %s", rank, number, error)
+            outcomes.send((number, error))
     finally:
         dist.destroy_process_group()
+
+
+def wait_until_ready(rank: Rank) -> None:
+    """Block until `rank` has loaded and split its pipeline (ModelLoadError if it exits first)."""
+    ready = wait([rank.outcomes, rank.process.sentinel])
+    if rank.outcomes in ready:
+        with contextlib.suppress(EOFError, OSError):
+            if rank.outcomes.recv() == (0, None):
+                return
+    rank.process.join(timeout=10)
+    raise ModelLoadError(
+        f"context parallel rank {rank.number} exited during start-up (status {rank.process.exitcode}); "
+        "its log lines above say why"
+    )
 
 
 def free_address() -> str:
@@ -178,8 +390,11 @@ def start(
     *,
     device_for_rank: DeviceForRank = gpu_for_rank,
     parallelize: Parallelize = enable_context_parallel,
+    grace: float = OUTCOME_GRACE_SECONDS,
+    stop_worker: StopWorker | None = None,
 ) -> ContextParallelEngine:
-    """Load rank 0 here, start the other ranks, and return rank 0's engine once all are ready."""
+    """Load rank 0 here, start the other ranks, and return rank 0's engine once all are ready.
+    `stop_worker` (default: exit the process) is called when the ranks fall out of step."""
     if device_for_rank is gpu_for_rank:
         check_gpus(settings)
     engine = DiffusersEngine.load(settings, device_for_rank(0), warm=False)
@@ -187,23 +402,28 @@ def start(
         check_supported(engine.pipeline, settings)
     address = free_address()
     spawn = multiprocessing.get_context("spawn")
-    processes = [
-        spawn.Process(
+    ranks: list[Rank] = []
+    for number in range(1, settings.context_parallel_size):
+        batches_in, batches_out = spawn.Pipe(duplex=False)
+        outcomes_in, outcomes_out = spawn.Pipe(duplex=False)
+        process = spawn.Process(
             target=follow,
-            args=(settings, rank, address, device_for_rank(rank), parallelize),
-            name=f"context-parallel-rank-{rank}",
+            args=(settings, number, address, device_for_rank(number), parallelize, batches_in, outcomes_out),
+            name=f"context-parallel-rank-{number}",
             daemon=True,
         )
-        for rank in range(1, settings.context_parallel_size)
-    ]
-    for process in processes:
         process.start()
+        batches_in.close()  # the child's ends: closed here so that EOF reaches whoever is left
+        outcomes_out.close()
+        ranks.append(Rank(number, process, batches_out, outcomes_in))
     join_group(settings, 0, address, engine.device)
     parallelize(engine.pipeline, settings)
+    for rank in ranks:
+        wait_until_ready(rank)
     log.info(
         "context parallel: %d ranks (%s)", settings.context_parallel_size, settings.context_parallel_mode
     )
-    parallel = ContextParallelEngine(engine, processes)
+    parallel = ContextParallelEngine(engine, ranks, grace=grace, stop_worker=stop_worker)
     if settings.compile:
         warm_up(parallel, settings)
     return parallel

@@ -232,9 +232,8 @@ class DiffusersEngine:
             with torch.inference_mode(), tap or contextlib.nullcontext():
                 output = self.pipeline(**kwargs)
         except torch.OutOfMemoryError as exc:
-            failure = (
-                f"{self.device} ran out of memory making {len(batch)} {batch.width}x{batch.height} images"
-            )
+            images = f"{len(batch)} {batch.width}x{batch.height} image{'s' if len(batch) > 1 else ''}"
+            failure = f"{self.device} ran out of memory making {images}"
             log.warning("%s: %s", failure, str(exc).splitlines()[0] if str(exc) else "no detail")
         else:
             return list(output.images)

@@ -57,6 +57,11 @@ class WorkerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.out_of_memory_splits = Counter(
+            "diffusion_worker_out_of_memory_splits",
+            "Batches that ran out of device memory and were retried as two smaller batches.",
+            registry=self.registry,
+        )
         self.failed = Counter(
             "diffusion_worker_failed_requests",
             "Accepted requests that failed, by reason (out_of_memory, storage, pipeline_error, shutdown).",

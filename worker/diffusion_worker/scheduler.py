@@ -12,6 +12,10 @@ the back of the queue, so a large `n` holds others back by one batch at most.
 
 Cancellation: a cancelled request's queued images are dropped at once; a running batch whose every
 request is gone stops at its next denoising step.
+
+Out of device memory: a batch of more than one image is retried as two halves (recursively), so
+requests that share a batch do not share its fate; only a single image that does not fit fails its
+request. The images are the same either way (per-image generators).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class _Job:
     started: bool = False
     partial_images: int = 0
     on_partial: PartialSink | None = None
+    previews_sent: set[tuple[int, int]] = field(default_factory=set)  # (image index, step)
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.batch)
@@ -238,10 +243,18 @@ class Scheduler:
             if not piece.job.started:
                 piece.job.started = True
                 self.metrics.queue_wait_seconds.observe(now - piece.job.enqueued_at)
+        self._attempt(engine, slices)
+
+    def _attempt(self, engine: Engine, slices: list[_Slice]) -> None:
+        """One pipeline call for `slices`; out of memory with more than one image, two smaller ones."""
+        slices = [piece for piece in slices if not piece.job.cancelled]
+        if not slices:
+            return
         batch = merge_slices([(s.job.batch, s.start, s.stop) for s in slices])
-        jobs = [s.job for s in slices]
+        jobs = list(dict.fromkeys(s.job for s in slices))
         token = request_id_var.set(",".join(dict.fromkeys(job.request_id for job in jobs)))
         self.metrics.batch_size.observe(len(batch))
+        started = time.perf_counter()
         try:
             images = engine.generate(
                 batch, lambda: any(not job.cancelled for job in jobs), self._preview_plan(slices, batch)
@@ -249,19 +262,45 @@ class Scheduler:
         except GenerationCancelledError:
             log.info("batch of %d stopped: every request in it was cancelled", len(batch))
             return
-        except BaseException as exc:
-            if isinstance(exc, DeviceOutOfMemoryError):
-                log.warning("batch of %d failed: %s", len(batch), exc)  # expected under load: no traceback
+        except DeviceOutOfMemoryError as exc:
+            if len(batch) > 1:
+                half = len(batch) // 2
+                log.warning(
+                    "batch of %d failed: %s; retrying it as batches of %d and %d "
+                    "(lower --max-batch-size if this repeats)",
+                    len(batch),
+                    exc,
+                    half,
+                    len(batch) - half,
+                )
+                self.metrics.out_of_memory_splits.inc()
+                halves = split_slices(slices, half)
             else:
-                log_failure(log, f"generation failed on {engine.device}", exc)
-            for job in jobs:
-                job.cancelled = True
-                job.loop.call_soon_threadsafe(_fail, job.future, exc)
+                log.warning("batch of %d failed: %s", len(batch), exc)  # expected under load: no traceback
+                self._fail_jobs(jobs, exc)
+                return
+        except BaseException as exc:
+            log_failure(log, f"generation failed on {engine.device}", exc)
+            self._fail_jobs(jobs, exc)
+            return
+        else:
+            self.metrics.generation_seconds.observe(time.perf_counter() - started)
+            self.metrics.images_generated.inc(len(images))
+            self._deliver(slices, images)
             return
         finally:
             request_id_var.reset(token)
-        self.metrics.generation_seconds.observe(time.perf_counter() - now)
-        self.metrics.images_generated.inc(len(images))
+        # Outside the except block: nothing of the failed call is referenced while the halves run.
+        for part in halves:
+            self._attempt(engine, part)
+
+    @staticmethod
+    def _fail_jobs(jobs: list[_Job], error: BaseException) -> None:
+        for job in jobs:
+            job.cancelled = True
+            job.loop.call_soon_threadsafe(_fail, job.future, error)
+
+    def _deliver(self, slices: list[_Slice], images: list[Any]) -> None:
         offset = 0
         for piece in slices:
             count = piece.stop - piece.start
@@ -291,8 +330,10 @@ class Scheduler:
 
         def sink(row: int, step: int, image: Any) -> None:
             job, index, steps = owners[row]
-            if not job.cancelled and job.on_partial is not None:
-                job.loop.call_soon_threadsafe(job.on_partial, index, steps.index(step), image)
+            if job.cancelled or job.on_partial is None or (index, step) in job.previews_sent:
+                return  # a batch retried after running out of memory repeats its earlier steps
+            job.previews_sent.add((index, step))
+            job.loop.call_soon_threadsafe(job.on_partial, index, steps.index(step), image)
 
         return PreviewPlan(rows_at_step, sink)
 
@@ -314,6 +355,20 @@ def _succeed(future: asyncio.Future[list[Any]], results: list[Any]) -> None:
 def _fail(future: asyncio.Future[list[Any]], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def split_slices(slices: list[_Slice], count: int) -> tuple[list[_Slice], list[_Slice]]:
+    """The first `count` images of `slices`, and the rest (a slice across the cut is cut in two)."""
+    first: list[_Slice] = []
+    rest: list[_Slice] = []
+    for piece in slices:
+        take = max(0, min(count, piece.stop - piece.start))
+        if take:
+            first.append(_Slice(piece.job, piece.start, piece.start + take))
+        if piece.start + take < piece.stop:
+            rest.append(_Slice(piece.job, piece.start + take, piece.stop))
+        count -= take
+    return first, rest
 
 
 def merge_slices(parts: list[tuple[GenerationBatch, int, int]]) -> GenerationBatch:

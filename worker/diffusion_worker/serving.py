@@ -286,8 +286,7 @@ class ImageGenerationService:
             self.metrics.failed.labels(reason="out_of_memory").inc()
             raise APIError(
                 503,
-                f"Out of device memory ({exc}); the memory was released. Retry, or ask for fewer or "
-                "smaller images",
+                f"Out of device memory ({exc}); the memory was released. Retry, or ask for a smaller size",
                 type="service_unavailable",
                 code="out_of_memory",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},

@@ -2,13 +2,23 @@
 
 The attention split itself (diffusers' `enable_parallelism`) needs GPUs; here the split is
 replaced by `support.rank_probe`, which all-reduces over the group in every denoiser call (see its
-docstring). Everything else is the worker's own code: child processes spawned, the group joined,
-each batch broadcast, images returned by rank 0, the ranks stopped on close.
+docstring), and can make chosen ranks fail a call before that all-reduce, leaving the others
+blocked in it as a real split would. Everything else is the worker's own code: child processes
+spawned, the group joined, each batch sent to every rank, images returned by rank 0, outcomes
+reported back, the worker stopped when the ranks fall out of step, the ranks stopped on close.
+The worker's real stop (ending the process) is replaced by a recorder in-process and checked on
+its own in a subprocess.
 """
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +29,40 @@ from diffusion_worker.settings import WorkerSettings
 from support import rank_probe
 
 pytestmark = pytest.mark.integration
+
+GRACE = 3.0
+
+
+class Stops:
+    """Records the worker stops asked for (the real one ends the process)."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.asked = threading.Event()
+
+    def __call__(self, reason: str) -> None:
+        self.reasons.append(reason)
+        self.asked.set()
+
+
+def start_failing(
+    tiny_model_dir: Path, stops: Stops, rows: int, ranks: tuple[int, ...]
+) -> context_parallel.ContextParallelEngine:
+    """Two CPU ranks whose denoiser call of `rows` rows fails on `ranks`."""
+    return context_parallel.start(
+        WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2),
+        device_for_rank=lambda rank: "cpu",
+        parallelize=functools.partial(rank_probe.fail_on_rows, rows, ranks),
+        grace=GRACE,
+        stop_worker=stops,
+    )
+
+
+def kill_and_close(engine: context_parallel.ContextParallelEngine) -> None:
+    for process in engine.processes:
+        process.kill()
+        process.join(30)
+    engine.close()
 
 
 def batch(prompts: list[str], seeds: list[int], steps: int) -> GenerationBatch:
@@ -74,3 +118,90 @@ def test_context_parallel_needs_one_gpu_per_rank() -> None:
 def test_context_and_data_parallel_together_are_refused() -> None:
     with pytest.raises(ModelLoadError, match="cannot both be above 1"):
         load_engines(WorkerSettings(model="builtin:tiny-sd", context_parallel_size=2, data_parallel_size=2))
+
+
+@pytest.mark.timeout(600)
+def test_a_batch_every_rank_fails_fails_alone_and_a_rank_that_exits_stops_the_worker(
+    tiny_model_dir: Path,
+) -> None:
+    (single,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
+    stops = Stops()
+    engine = start_failing(tiny_model_dir, stops, rows=8, ranks=(0, 1))
+    try:
+        with pytest.raises(ValueError, match="rank 0 refuses 8 rows"):
+            engine.generate(batch(["a", "b", "c", "d"], [1, 2, 3, 4], 2))  # 8 rows with guidance
+        after = batch(["a red circle"], [3], 2)
+        assert np.array_equal(np.asarray(engine.generate(after)[0]), np.asarray(single.generate(after)[0]))
+        assert stops.reasons == [], "a failure on every rank leaves them in step"
+        engine.processes[0].kill()
+        assert stops.asked.wait(10)
+        assert stops.reasons == ["rank 1 exited (status -9)"]
+        with pytest.raises(context_parallel.RanksOutOfStepError, match="rank 1 exited"):
+            engine.generate(after)
+    finally:
+        kill_and_close(engine)
+
+
+def generate_in_thread(
+    engine: context_parallel.ContextParallelEngine, work: GenerationBatch
+) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["images"] = engine.generate(work)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    ("failing_rank", "expected"),
+    [
+        (
+            1,
+            "rank 0 still in batch 1 3s after rank 1 failed it (ValueError: rank 1 refuses 2 rows); "
+            "it is blocked in a collective",
+        ),
+        (
+            0,
+            "rank(s) [1] still in batch 1 3s after rank 0 failed: rank 0 refuses 2 rows; "
+            "they are blocked in a collective",
+        ),
+    ],
+)
+def test_a_batch_one_rank_fails_stops_the_worker_within_the_grace_time(
+    tiny_model_dir: Path, failing_rank: int, expected: str
+) -> None:
+    stops = Stops()
+    engine = start_failing(tiny_model_dir, stops, rows=2, ranks=(failing_rank,))
+    try:
+        started = time.monotonic()
+        thread, outcome = generate_in_thread(engine, batch(["a red circle"], [3], 2))
+        assert stops.asked.wait(GRACE + 30)
+        waited = time.monotonic() - started
+        assert stops.reasons == [expected]
+        assert GRACE <= waited < GRACE + 30
+    finally:
+        kill_and_close(engine)  # a blocked collective ends once its peer is gone
+    thread.join(30)
+    assert not thread.is_alive()
+    assert isinstance(outcome.get("error"), context_parallel.RanksOutOfStepError)
+
+
+def test_the_real_stop_logs_the_reason_and_ends_the_process_with_status_70() -> None:
+    code = (
+        "import logging; logging.basicConfig();"
+        "from diffusion_worker.context_parallel import exit_worker;"
+        "exit_worker([])('rank 1 exited (status -9)'); print('still here')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == context_parallel.EXIT_OUT_OF_STEP == 70
+    assert (
+        "context parallel ranks out of step: rank 1 exited (status -9); stopping the worker" in result.stderr
+    )
+    assert "still here" not in result.stdout

@@ -1,0 +1,158 @@
+"""Out of device memory: a batch is split until it fits, and only an image that never fits fails.
+
+No CPU can run out of CUDA memory for real, so the real tiny pipeline is wrapped by
+`OutOfMemoryWhen` (tests/support/engines.py), which raises `torch.cuda.OutOfMemoryError` for the
+calls a test picks, at once or part-way through the denoising loop; every other call is the real
+pipeline's.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from diffusion_worker.engine import DiffusersEngine
+from support.engines import ObservedEngine, OutOfMemoryWhen, observed_loader
+
+pytestmark = pytest.mark.integration
+
+WorkerFactory = Callable[..., str]
+
+
+def post(url: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=np.int16)
+
+
+def metric(url: str, line: str) -> bool:
+    return line in httpx.get(f"{url}/metrics").text
+
+
+def real_engine(engines: list[ObservedEngine]) -> DiffusersEngine:
+    inner = engines[0].inner
+    assert isinstance(inner, DiffusersEngine)
+    return inner
+
+
+def test_a_single_image_that_does_not_fit_gives_503_frees_the_memory_and_the_worker_keeps_serving(
+    start_worker: WorkerFactory,
+) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False))
+    failing = OutOfMemoryWhen.once(real_engine(engines))
+    response = post(url, {"prompt": "p", "size": "64x64", "response_format": "b64_json"})
+    assert response.status_code == 503
+    assert response.headers["retry-after"].isdigit()
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "out_of_memory")
+    assert "cpu ran out of memory making 1 64x64 image)" in error["message"]
+    assert error["message"].endswith("Retry, or ask for a smaller size")
+    assert "Traceback" not in response.text and "GiB" not in response.text
+    assert not failing.leaked(), "the failed call's tensors are still referenced after the 503"
+    assert metric(url, 'diffusion_worker_failed_requests_total{reason="out_of_memory"} 1.0')
+    assert metric(url, "diffusion_worker_out_of_memory_splits_total 0.0"), "one image cannot be split"
+    assert post(url, {"prompt": "p", "response_format": "b64_json"}).status_code == 200
+
+
+def test_a_batch_that_does_not_fit_is_split_until_it_does_and_its_images_are_unchanged(
+    start_worker: WorkerFactory,
+) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False), max_batch_size=4)
+    failing = OutOfMemoryWhen(real_engine(engines), lambda call: len(call["prompt"]) > 1)
+    body = {"prompt": "p", "n": 4, "response_format": "b64_json", "nvext": {"seed": 7}}
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    assert [len(batch) for batch in engines[0].batches] == [4, 2, 1, 1, 2, 1, 1]
+    assert failing.failures == 3 and not failing.leaked()
+    assert metric(url, "diffusion_worker_out_of_memory_splits_total 3.0")
+    assert not metric(url, 'diffusion_worker_failed_requests_total{reason="out_of_memory"}')
+    failing.restore()
+    whole = post(url, body)
+    assert [len(batch) for batch in engines[0].batches[7:]] == [4], "the real pipeline, one call"
+    split_images = [pixels(image["b64_json"]) for image in response.json()["data"]]
+    whole_images = [pixels(image["b64_json"]) for image in whole.json()["data"]]
+    for split_image, whole_image in zip(split_images, whole_images, strict=True):
+        assert np.abs(split_image - whole_image).max() <= 1
+    assert len({image.tobytes() for image in split_images}) == 4, "four seeds, four images"
+
+
+def test_only_the_request_whose_image_does_not_fit_fails_the_one_sharing_its_batch_succeeds(
+    start_worker: WorkerFactory,
+) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=True), max_batch_size=4)
+    OutOfMemoryWhen(real_engine(engines), lambda call: "huge" in call["prompt"])
+    results: dict[str, httpx.Response] = {}
+
+    def send(name: str, body: dict[str, Any], queued_after: int) -> threading.Thread:
+        """Post from a thread; return once the queue holds `queued_after` images (keeps the order)."""
+        thread = threading.Thread(target=lambda: results.__setitem__(name, post(url, body)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not metric(url, f"diffusion_worker_queue_images {queued_after}.0"):
+            assert time.monotonic() < deadline, f"{name} was not queued"
+            time.sleep(0.02)
+        return thread
+
+    blocker = send("blocker", {"prompt": "x", "response_format": "b64_json"}, queued_after=1)
+    assert engines[0].entered.wait(30)  # the engine is busy; the next two requests queue up together
+    threads = [
+        send("huge", {"prompt": "huge", "response_format": "b64_json"}, queued_after=2),
+        send("fine", {"prompt": "fine", "n": 2, "response_format": "b64_json"}, queued_after=4),
+    ]
+    engines[0].gate.set()
+    for thread in [blocker, *threads]:
+        thread.join(60)
+    assert [batch.prompts for batch in engines[0].batches] == [
+        ["x"],
+        ["huge", "fine", "fine"],
+        ["huge"],
+        ["fine", "fine"],
+    ]
+    assert results["huge"].status_code == 503
+    assert results["huge"].json()["error"]["code"] == "out_of_memory"
+    assert results["fine"].status_code == 200 and len(results["fine"].json()["data"]) == 2
+    assert results["blocker"].status_code == 200
+
+
+def test_a_stream_retried_after_running_out_of_memory_mid_call_sends_each_preview_once(
+    start_worker: WorkerFactory,
+) -> None:
+    """8 steps with 2 previews stream them after steps 3 and 5; the batch of two images runs out
+    of memory after step 4, so step 3's previews were already sent when each image is redone alone."""
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False), max_batch_size=2)
+    failing = OutOfMemoryWhen(real_engine(engines), lambda call: len(call["prompt"]) > 1, at_step=4)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    events = list(
+        client.images.generate(
+            prompt="a red circle",
+            n=2,
+            stream=True,
+            partial_images=2,
+            extra_body={"nvext": {"seed": 1, "num_inference_steps": 8}},
+        )
+    )
+    assert failing.failures == 1
+    assert [len(batch) for batch in engines[0].batches] == [2, 1, 1]
+    assert engines[0].steps_run == [4, 8, 8]
+    by_image: dict[int, list[tuple[str, int | None]]] = {}
+    for event in events:
+        index = getattr(event, "partial_image_index", None)
+        by_image.setdefault(event.model_extra["nvext"]["image_index"], []).append((event.type, index))
+    partial, completed = "image_generation.partial_image", "image_generation.completed"
+    assert by_image == {image: [(partial, 0), (partial, 1), (completed, None)] for image in (0, 1)}
