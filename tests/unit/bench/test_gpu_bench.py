@@ -74,6 +74,18 @@ def test_reference_file_has_a_config_and_a_parameter_count_for_every_component()
         assert set(components.values()) <= set(reference["configs"]) & set(reference["params"])
 
 
+@pytest.mark.parametrize("name", gpu.MODEL_NAMES)
+def test_full_size_pipelines_have_exactly_the_reference_parameter_counts(name: str) -> None:
+    """Built on the meta device (shapes only, no memory), as gpu.py builds them on the card: a
+    config that drifted from the real model is caught here, not in a GPU session's result file."""
+    import functools
+
+    reference = gpu.load_configs(gpu.CONFIG_PATH)
+    pipeline = gpu.BUILDERS[name](reference["configs"], functools.partial(gpu.models_on, "meta", "bfloat16"))
+    counts = gpu.count_parameters(pipeline, name)
+    assert counts == {key: reference["params"][key] for key in counts}
+
+
 @pytest.mark.parametrize(
     ("device_name", "slug"),
     [
