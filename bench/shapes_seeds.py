@@ -34,27 +34,14 @@ TRAINING_KEYS = (
 def measure_run(directory: Path, seeds: int, threads: int) -> dict[str, Any]:
     """training.json's record of the run, plus `measure_model` over `seeds` seeds per prompt."""
     import torch
-    from diffusers import DiffusionPipeline
 
-    from diffusion_worker.model_source import WORKER_DEFAULTS_FILE
     from diffusion_worker.shapes import evaluate
 
     torch.set_num_threads(threads)
     training = json.loads((directory / "training.json").read_text())
-    defaults = json.loads((directory / WORKER_DEFAULTS_FILE).read_text())
-    pipeline = DiffusionPipeline.from_pretrained(directory)
-    pipeline.set_progress_bar_config(disable=True)
-    figures = evaluate.measure_model(
-        pipeline,
-        seeds,
-        steps=defaults["num_inference_steps"],
-        guidance_scale=defaults["guidance_scale"],
-    )
-    draw = evaluate.pipeline_drawer(
-        pipeline,
-        num_inference_steps=defaults["num_inference_steps"],
-        guidance_scale=defaults["guidance_scale"],
-    )
+    pipeline, steps, guidance = evaluate.load_for_evaluation(directory)
+    figures = evaluate.measure_model(pipeline, seeds, steps=steps, guidance_scale=guidance)
+    draw = evaluate.pipeline_drawer(pipeline, num_inference_steps=steps, guidance_scale=guidance)
     seconds = []
     for seed in range(5):
         started = time.perf_counter()

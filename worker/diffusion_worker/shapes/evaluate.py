@@ -311,12 +311,23 @@ def measure_model(
     }
 
 
+def load_for_evaluation(directory: Path) -> tuple[Any, int, float]:
+    """The pipeline saved in `directory` (progress bars off) and the steps and guidance scale its
+    worker_defaults.json gives requests, which is what the worker would serve it at."""
+    from diffusers import DiffusionPipeline
+
+    from diffusion_worker.model_source import ModelLocation, model_defaults
+
+    defaults = model_defaults(ModelLocation(str(directory), from_hub=False))
+    pipeline = DiffusionPipeline.from_pretrained(directory)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, int(defaults["num_inference_steps"]), float(defaults["guidance_scale"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print `measure_model` for a pipeline directory, at its worker_defaults.json settings."""
     import torch
-    from diffusers import DiffusionPipeline
 
-    from diffusion_worker.model_source import WORKER_DEFAULTS_FILE
     from diffusion_worker.shapes import WEIGHTS_DIR
 
     parser = argparse.ArgumentParser(prog="python -m diffusion_worker.shapes.evaluate", description=__doc__)
@@ -329,21 +340,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    defaults = json.loads((args.model / WORKER_DEFAULTS_FILE).read_text())
-    pipeline = DiffusionPipeline.from_pretrained(args.model)
-    pipeline.set_progress_bar_config(disable=True)
-    guidance = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
-    figures = measure_model(
-        pipeline, args.seeds, steps=defaults["num_inference_steps"], guidance_scale=guidance
-    )
-    print(json.dumps(figures, indent=2))
+    pipeline, steps, guidance = load_for_evaluation(args.model)
+    if args.guidance_scale is not None:
+        guidance = args.guidance_scale
+    print(json.dumps(measure_model(pipeline, args.seeds, steps=steps, guidance_scale=guidance), indent=2))
     if args.examples:
         from PIL import Image
 
         args.examples.mkdir(parents=True, exist_ok=True)
-        draw = pipeline_drawer(
-            pipeline, num_inference_steps=defaults["num_inference_steps"], guidance_scale=guidance
-        )
+        draw = pipeline_drawer(pipeline, num_inference_steps=steps, guidance_scale=guidance)
         for index, (prompt, seed) in enumerate(EXAMPLES, start=1):
             (image,) = draw([prompt], [seed])
             Image.fromarray(image).save(args.examples / f"shapes-example-{index}.png")
