@@ -1,9 +1,11 @@
 """Context parallelism: K processes (ranks) share every image, one GPU each.
 
-Rank 0 is the serving process. At start-up it checks that the model can be split, starts ranks
-1..K-1 as child processes, and all K join one torch.distributed group; each loads the pipeline on
-its own GPU and splits the denoiser's attention over the group with diffusers'
-`ContextParallelConfig` (ulysses or ring). Each batch the scheduler hands rank 0 is first sent to
+Rank 0 is the serving process. At start-up it starts ranks 1..K-1 as child processes; every rank
+loads the pipeline on its own GPU, at the same time; rank 0 checks that the model can be split;
+then all K join one torch.distributed group and split the denoiser's attention over it with
+diffusers' `ContextParallelConfig` (ulysses or ring). A rank that exits before it is ready (it
+could not load the model, say) fails start-up with ModelLoadError instead of leaving rank 0
+waiting for it. Each batch the scheduler hands rank 0 is first sent to
 the others, so all ranks make the same pipeline call with the same seeds; rank 0 returns the
 images, the others drop theirs and report how their call ended. Closing sends a stop and waits for
 the children.
@@ -58,6 +60,9 @@ COLLECTIVE_TIMEOUT = dt.timedelta(hours=1)
 OUTCOME_GRACE_SECONDS = 120.0
 # The worker's exit status when the ranks fall out of step (EX_SOFTWARE).
 EXIT_OUT_OF_STEP = 70
+# What the other ranks say at start-up, before any (batch number, error) outcome.
+LOADED = "loaded"
+READY = "ready"
 # Rank -> device. On GPUs rank r uses cuda:r; tests give CPU ranks.
 DeviceForRank = Callable[[int], str]
 # Splits the loaded pipeline's denoiser over the process group (diffusers' enable_parallelism).
@@ -336,15 +341,18 @@ def follow(
     batches: Connection,
     outcomes: Connection,
 ) -> None:
-    """Ranks 1..K-1: load, split, then make every batch rank 0 sends and report how it ended,
-    until rank 0 says stop or is gone."""
+    """Ranks 1..K-1: load, join the group, split, then make every batch rank 0 sends and report
+    how it ended, until rank 0 says stop or is gone."""
     import torch.distributed as dist
 
+    # Loaded before joining: a rank that cannot load exits while rank 0 waits on a pipe, not in
+    # the group's rendezvous (which would wait for it for COLLECTIVE_TIMEOUT).
+    engine = DiffusersEngine.load(settings, device, warm=False)
+    outcomes.send(LOADED)
     join_group(settings, rank, address, device)
     try:
-        engine = DiffusersEngine.load(settings, device, warm=False)
         parallelize(engine.pipeline, settings)
-        outcomes.send((0, None))  # loaded and split: ready for batch 1
+        outcomes.send(READY)
         while True:
             try:
                 message = batches.recv()
@@ -364,12 +372,12 @@ def follow(
         dist.destroy_process_group()
 
 
-def wait_until_ready(rank: Rank) -> None:
-    """Block until `rank` has loaded and split its pipeline (ModelLoadError if it exits first)."""
+def expect(rank: Rank, message: str) -> None:
+    """Block until `rank` says `message` (LOADED, READY); ModelLoadError if it exits first."""
     ready = wait([rank.outcomes, rank.process.sentinel])
     if rank.outcomes in ready:
         with contextlib.suppress(EOFError, OSError):
-            if rank.outcomes.recv() == (0, None):
+            if rank.outcomes.recv() == message:
                 return
     rank.process.join(timeout=10)
     raise ModelLoadError(
@@ -393,33 +401,48 @@ def start(
     grace: float = OUTCOME_GRACE_SECONDS,
     stop_worker: StopWorker | None = None,
 ) -> ContextParallelEngine:
-    """Load rank 0 here, start the other ranks, and return rank 0's engine once all are ready.
-    `stop_worker` (default: exit the process) is called when the ranks fall out of step."""
+    """Start the other ranks, load rank 0 here meanwhile, and return rank 0's engine once all are
+    ready. `stop_worker` (default: exit the process) is called when the ranks fall out of step."""
     if device_for_rank is gpu_for_rank:
         check_gpus(settings)
-    engine = DiffusersEngine.load(settings, device_for_rank(0), warm=False)
-    if parallelize is enable_context_parallel:
-        check_supported(engine.pipeline, settings)
     address = free_address()
     spawn = multiprocessing.get_context("spawn")
     ranks: list[Rank] = []
-    for number in range(1, settings.context_parallel_size):
-        batches_in, batches_out = spawn.Pipe(duplex=False)
-        outcomes_in, outcomes_out = spawn.Pipe(duplex=False)
-        process = spawn.Process(
-            target=follow,
-            args=(settings, number, address, device_for_rank(number), parallelize, batches_in, outcomes_out),
-            name=f"context-parallel-rank-{number}",
-            daemon=True,
-        )
-        process.start()
-        batches_in.close()  # the child's ends: closed here so that EOF reaches whoever is left
-        outcomes_out.close()
-        ranks.append(Rank(number, process, batches_out, outcomes_in))
+    try:
+        for number in range(1, settings.context_parallel_size):
+            batches_in, batches_out = spawn.Pipe(duplex=False)
+            outcomes_in, outcomes_out = spawn.Pipe(duplex=False)
+            process = spawn.Process(
+                target=follow,
+                args=(
+                    settings,
+                    number,
+                    address,
+                    device_for_rank(number),
+                    parallelize,
+                    batches_in,
+                    outcomes_out,
+                ),
+                name=f"context-parallel-rank-{number}",
+                daemon=True,
+            )
+            process.start()
+            batches_in.close()  # the child's ends: closed here so that EOF reaches whoever is left
+            outcomes_out.close()
+            ranks.append(Rank(number, process, batches_out, outcomes_in))
+        engine = DiffusersEngine.load(settings, device_for_rank(0), warm=False)
+        if parallelize is enable_context_parallel:
+            check_supported(engine.pipeline, settings)
+        for rank in ranks:
+            expect(rank, LOADED)
+    except BaseException:
+        for rank in ranks:
+            rank.process.kill()
+        raise
     join_group(settings, 0, address, engine.device)
     parallelize(engine.pipeline, settings)
     for rank in ranks:
-        wait_until_ready(rank)
+        expect(rank, READY)
     log.info(
         "context parallel: %d ranks (%s)", settings.context_parallel_size, settings.context_parallel_mode
     )

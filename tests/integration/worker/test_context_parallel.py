@@ -100,6 +100,23 @@ def test_every_rank_makes_every_batch_and_rank_0_returns_the_images(tiny_model_d
         assert np.array_equal(np.asarray(ours), np.asarray(reference))
 
 
+@pytest.mark.timeout(300)
+def test_a_rank_whose_gpu_fails_fails_start_up_at_once(tiny_model_dir: Path) -> None:
+    """Rank 1 is given cuda:63, which no machine here has, so it fails as soon as it touches its
+    device. Ranks load before they join the group, so rank 0 hears of it on its pipe; when ranks
+    joined first, rank 1 died before the rendezvous and rank 0 waited in it for the collective
+    timeout (an hour)."""
+    settings = WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"context parallel rank 1 exited during start-up \(status 1\)"):
+        context_parallel.start(
+            settings,
+            device_for_rank=lambda rank: "cpu" if rank == 0 else "cuda:63",
+            parallelize=rank_probe.all_reduce_each_denoiser_call,
+        )
+    assert time.monotonic() - started < 120
+
+
 def test_a_unet_model_is_refused_before_any_rank_starts(tiny_model_dir: Path) -> None:
     """The real split's checks, on the tiny SD pipeline (a UNet: no context-parallel plan)."""
     (engine,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
