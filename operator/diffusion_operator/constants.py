@@ -103,6 +103,8 @@ REASON_AS_EXPECTED: Final = "AsExpected"  # Stalled=False
 REASON_INVALID_SPEC: Final = "InvalidSpec"  # Stalled=True
 REASON_MODEL_CACHE_UNBOUND: Final = "ModelCacheUnbound"  # Stalled=True: the PVC lost its volume
 REASON_ROLLOUT_STALLED: Final = "RolloutStalled"  # Stalled=True: Deployment exceeded its progress deadline
+REASON_WORKER_FAILING: Final = "WorkerFailing"  # Ready=False: a worker pod crashes or cannot start
+REASON_WORKER_UNSCHEDULABLE: Final = "WorkerUnschedulable"  # Ready=False: no node can take a worker pod
 REASON_APPLY_FAILED: Final = "ApplyFailed"  # event reason
 REASON_CREATED: Final = "Created"  # event reason
 REASON_UPDATED: Final = "Updated"  # event reason

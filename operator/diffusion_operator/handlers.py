@@ -145,6 +145,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         ("apps", "v1", "deployments"),
         ("", "v1", "services"),
         ("", "v1", "persistentvolumeclaims"),
+        ("", "v1", "pods"),  # not children, but their state is the service's (pods.py)
     ):
         kopf.on.event(group, version, plural, labels=CHILD_FILTER, registry=registry)(child_changed)
     return registry

@@ -21,6 +21,7 @@ PLURALS: dict[str, str] = {
     "Deployment": "deployments",
     "Service": "services",
     "PersistentVolumeClaim": "persistentvolumeclaims",
+    "Pod": "pods",
     c.KIND: c.PLURAL,
 }
 
@@ -116,6 +117,14 @@ class KubeApi:
                 return None
             raise
         return result
+
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The objects of `kind` in `namespace` that match `label_selector`."""
+        result = self.request(
+            "GET", object_path(api_version, kind, namespace), query={"labelSelector": label_selector}
+        )
+        items: list[dict[str, Any]] = result.get("items") or []
+        return items
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply with the operator's field manager, taking over fields others changed by hand."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from diffusion_operator import constants as c
 from diffusion_operator.kube import ApiError, KubeApi
-from diffusion_operator.render import Manifest, model_cache_name, render_children
+from diffusion_operator.render import Manifest, model_cache_name, render_children, selector_string
 from diffusion_operator.spec import InvalidSpecError, Meta, parse_spec
 from diffusion_operator.status import (
     Observed,
@@ -92,10 +92,15 @@ def _stalled_with(body: Mapping[str, Any], reason: str, message: str) -> bool:
     )
 
 
+def _worker_pods(api: KubeApi, meta: Meta) -> list[dict[str, Any]]:
+    return api.list("v1", "Pod", meta.namespace, selector_string(meta))
+
+
 def _observe(api: KubeApi, meta: Meta) -> Observed:
     return Observed(
         deployment=api.get("apps/v1", "Deployment", meta.namespace, meta.name),
         model_cache=api.get("v1", "PersistentVolumeClaim", meta.namespace, model_cache_name(meta.name)),
+        pods=_worker_pods(api, meta),
     )
 
 
@@ -160,7 +165,11 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
         )
         return Outcome(status_delta(previous, status), failed)
 
-    observed = Observed(deployment=lives.get("Deployment"), model_cache=lives.get("PersistentVolumeClaim"))
+    observed = Observed(
+        deployment=lives.get("Deployment"),
+        model_cache=lives.get("PersistentVolumeClaim"),
+        pods=_worker_pods(api, meta),
+    )
     verdict = judge(spec, meta, observed)
     status = build_status(meta, verdict, previous, spec=spec, observed=observed, now=now)
     was_ready = (_previous_conditions(body).get(c.CONDITION_READY) or {}).get("status") == "True"

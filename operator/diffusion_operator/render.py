@@ -173,6 +173,9 @@ def worker_container(spec: ServiceSpec, image: str) -> dict[str, Any]:
         "args": worker_args(spec),
         "ports": [{"name": c.WORKER_PORT_NAME, "containerPort": c.WORKER_PORT, "protocol": "TCP"}],
         "env": worker_env(spec),
+        # A worker that exits leaves its last log lines as the termination message, which the
+        # operator quotes in the service's Ready condition (diffusion_operator.pods).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         # /ready answers 200 once the pipeline is loaded; big models may take many minutes to download.
         "startupProbe": _probe(
             c.READY_PATH,

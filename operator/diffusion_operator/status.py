@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from diffusion_operator import constants as c
+from diffusion_operator.pods import worker_pod_problem
 from diffusion_operator.render import endpoint, selector_string
 from diffusion_operator.spec import Meta, ServiceSpec
 
@@ -18,6 +19,7 @@ class Observed:
 
     deployment: Mapping[str, Any] | None = None
     model_cache: Mapping[str, Any] | None = None
+    pods: Sequence[Mapping[str, Any]] = ()  # the worker pods (any revision)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +64,12 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
             stalled=(False, c.REASON_AS_EXPECTED, ""),
         )
     status = deployment.get("status") or {}
+    problem = worker_pod_problem(observed.pods)
     progressing = _deployment_condition(deployment, "Progressing")
     if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
         message = f"worker rollout stalled: {progressing.get('message', 'progress deadline exceeded')}"
+        if problem is not None:
+            message += f"; {problem[1]}"
         return Verdict(
             ready=(False, c.REASON_ROLLOUT_STALLED, message),
             reconciling=(False, c.REASON_ROLLOUT_STALLED, message),
@@ -97,6 +102,14 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
                 stalled=(False, c.REASON_AS_EXPECTED, ""),
             )
         message = f"rolling out: {updated}/{desired} worker pods updated, {available} available"
+        if problem is not None:
+            reason, detail = problem
+            message = f"{message}; {detail}"
+            return Verdict(
+                ready=(False, reason, message),
+                reconciling=(True, reason, message),
+                stalled=(False, c.REASON_AS_EXPECTED, ""),
+            )
     return Verdict(
         ready=(False, c.REASON_ROLLING_OUT, message),
         reconciling=(True, c.REASON_ROLLING_OUT, message),

@@ -93,6 +93,9 @@ get credentials through Secret references in their pod spec, which the operator 
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
 
 {{/*

@@ -19,6 +19,7 @@ OPERATOR_NEEDS = {
     ("", "services"): ALL_VERBS,
     ("", "persistentvolumeclaims"): ALL_VERBS,
     ("", "events"): {"create", "patch"},
+    ("", "pods"): {"get", "list", "watch"},  # read only: why a worker is not ready
 }
 KOPF_DISCOVERY = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -55,9 +56,11 @@ def test_no_rule_uses_a_wildcard(render: Render, scenario: str) -> None:
 def test_no_role_touches_secrets_or_escalates(render: Render, scenario: str) -> None:
     for role in roles(render(*SCENARIOS[scenario])):
         for (group, resource), verbs in grants(role).items():
-            assert resource.split("/")[0] not in {"secrets", "pods", "serviceaccounts"}, role["metadata"][
-                "name"
-            ]
+            assert resource.split("/")[0] not in {"secrets", "serviceaccounts"}, role["metadata"]["name"]
+            if resource.startswith("pods"):  # reading pods, never exec, attach, port-forward or create
+                assert (resource, verbs <= {"get", "list", "watch"}) == ("pods", True), role["metadata"][
+                    "name"
+                ]
             assert group not in {"rbac.authorization.k8s.io", "admissionregistration.k8s.io"}
             assert not verbs & {"escalate", "bind", "impersonate"}
 

@@ -203,3 +203,63 @@ def test_operator_restart_resumes_without_writes(
     assert mine == []
     operator.__init__()  # type: ignore[misc]
     operator.start()  # later tests in this module keep an operator
+
+
+def test_a_crash_looping_worker_pod_puts_its_last_log_line_in_the_ready_condition(
+    kubectl: Kubectl, cluster: EmulatorThread
+) -> None:
+    """The emulator runs no kubelet: the test creates the worker pod and writes its status as the
+    kubelet would (terminationMessagePolicy FallbackToLogsOnError puts the last log lines in it).
+    The operator has settled first, so only the pod's own events can carry it into the status
+    (the resync timer is 60 s away)."""
+    kubectl.apply(tiny())
+    deployment = wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
+    settle(cluster, kubectl.ns)
+    template = deployment["spec"]["template"]
+    assert template["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    pods = f"/api/v1/namespaces/{kubectl.ns}/pods"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "tiny-7d9f-x2x",
+            "namespace": kubectl.ns,
+            "labels": template["metadata"]["labels"],
+        },
+        "spec": template["spec"],
+    }
+    assert kubectl.client.post(pods, pod).status_code == 201
+    crashed = {
+        "containerStatuses": [
+            {
+                "name": c.WORKER_CONTAINER_NAME,
+                "restartCount": 4,
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {
+                    "terminated": {
+                        "exitCode": 1,
+                        "message": "... ERROR diffusion_worker.server [-] cannot start: no such model",
+                    }
+                },
+            }
+        ]
+    }
+    patched = kubectl.client.merge_patch(f"{pods}/tiny-7d9f-x2x/status", {"status": crashed})
+    assert patched.status_code == 200, patched.text
+    ready = wait_for(
+        "Ready=False WorkerFailing",
+        lambda: (
+            (cond := kubectl.condition("tiny", "Ready"))
+            and cond["reason"] == c.REASON_WORKER_FAILING
+            and cond
+        ),
+    )
+    assert ready["status"] == "False"
+    assert ready["message"].endswith(
+        "worker pod tiny-7d9f-x2x: CrashLoopBackOff, restarted 4 times; last exit 1: "
+        "... ERROR diffusion_worker.server [-] cannot start: no such model"
+    )
+    assert kubectl.condition("tiny", "Stalled")["status"] == "False"  # type: ignore[index]
+    assert kubectl.client.delete(f"{pods}/tiny-7d9f-x2x").status_code == 200
+    kubectl.mark_deployment_available("tiny", 1)
+    wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")

@@ -1,6 +1,6 @@
 """Reconcile: apply only what differs, report events, and turn invalid specs into Stalled without children.
 
-Emulated instead of real: the API server is an in-memory fake of KubeApi (get/apply) here; the
+Emulated instead of real: the API server is an in-memory fake of KubeApi (get/list/apply) here; the
 integration tier runs the same code over HTTP against the emulator.
 """
 
@@ -13,8 +13,8 @@ import pytest
 
 from diffusion_operator import constants as c
 from diffusion_operator.kube import ApiError
-from diffusion_operator.reconcile import is_subset, needs_apply, reconcile_service
-from diffusion_operator.render import render_children
+from diffusion_operator.reconcile import Outcome, is_subset, needs_apply, reconcile_service
+from diffusion_operator.render import child_labels, render_children
 from diffusion_operator.spec import Meta, parse_spec
 
 
@@ -29,6 +29,15 @@ class FakeApi:
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.objects.get((kind, namespace, name))
         return copy.deepcopy(found) if found else None
+
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        wanted = dict(pair.split("=", 1) for pair in label_selector.split(","))
+        return [
+            copy.deepcopy(obj)
+            for (stored_kind, stored_namespace, _), obj in self.objects.items()
+            if (stored_kind, stored_namespace) == (kind, namespace)
+            and wanted.items() <= (obj["metadata"].get("labels") or {}).items()
+        ]
 
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         if self.fail_apply is not None:
@@ -114,3 +123,39 @@ def test_rejected_child_is_stalled_apply_failed() -> None:
     stalled = next(x for x in outcome.status_delta["conditions"] if x["type"] == "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", c.REASON_APPLY_FAILED)
     assert [e.reason for e in outcome.events] == [c.REASON_APPLY_FAILED]
+
+
+def test_a_pass_reads_the_worker_pods_of_its_own_service_into_the_ready_condition() -> None:
+    api = FakeApi()
+    reconcile_service(api, body(SPEC), "worker:1")
+    crashing = {
+        "metadata": {"name": "pod", "namespace": "ns", "labels": child_labels(Meta("other", "ns", "u2"))},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": c.WORKER_CONTAINER_NAME,
+                    "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}},
+                }
+            ]
+        },
+    }
+    api.objects[("Pod", "ns", "other-pod")] = crashing  # another service's pod: not ours
+    assert ready_condition(reconcile_service(api, body(SPEC), "worker:1"))["reason"] == c.REASON_ROLLING_OUT
+    api.objects[("Pod", "ns", "svc-pod")] = {
+        **crashing,
+        "metadata": {
+            **crashing["metadata"],
+            "name": "svc-pod",
+            "labels": child_labels(Meta("svc", "ns", "u1")),
+        },
+    }
+    ready = ready_condition(reconcile_service(api, body(SPEC), "worker:1"))
+    assert (ready["reason"], ready["message"]) == (
+        c.REASON_WORKER_FAILING,
+        "rolling out: 0/1 worker pods updated, 0 available; worker pod svc-pod: ImagePullBackOff: "
+        "Back-off pulling image",
+    )
+
+
+def ready_condition(outcome: Outcome) -> dict[str, Any]:
+    return next(cond for cond in outcome.status_delta["conditions"] if cond["type"] == "Ready")
