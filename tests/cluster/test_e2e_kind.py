@@ -213,3 +213,32 @@ def test_deleting_the_service_garbage_collects_its_children(ready_service: Ready
             if kubectl("get", kind, name, "-n", ready_service.namespace, "--ignore-not-found", "-o", "name")
         ]
     assert not left, f"children still present 180s after the service was deleted: {left}"
+
+
+def test_a_worker_that_cannot_load_its_model_is_named_in_the_ready_condition(namespace: str) -> None:
+    """A model path with nothing there: the worker exits with one clear line, the kubelet keeps it
+    as the termination message (FallbackToLogsOnError), and the operator quotes it."""
+    sample = cpu_sample()
+    sample["metadata"] = {"name": "missing-model"}
+    sample["spec"]["model"] = {
+        key: value for key, value in sample["spec"]["model"].items() if key not in ("id", "path", "uri")
+    } | {"path": "/models/missing"}
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(sample))
+    deadline = time.monotonic() + 300
+    ready: dict[str, Any] = {}
+    try:
+        while time.monotonic() < deadline:
+            status = kubectl_json("get", "imagediffusionservice", "missing-model", "-n", namespace).get(
+                "status", {}
+            )
+            ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+            if ready.get("reason") == "WorkerFailing":
+                break
+            time.sleep(3)
+        assert ready.get("reason") == "WorkerFailing", f"Ready condition after 300s: {ready}"
+        assert ready["status"] == "False"
+        assert "cannot start: --model '/models/missing'" in ready["message"], ready["message"]
+    finally:
+        kubectl(
+            "delete", "imagediffusionservice", "missing-model", "-n", namespace, "--wait=false", check=False
+        )
