@@ -38,6 +38,10 @@ On the device machine (Python 3.12 and torch, no diffusers/fastapi/pydantic; whe
 
     python3 bench/gpu.py --model sd15 --out $OUT      # instead of --all: one model per call
 
+The opt-in GPU tests run from the same install (pytest is among the wheels), e.g. after a model:
+
+    python3 -m pytest -m gpu tests/gpu -p no:cacheprovider
+
 Extra worker flags: `--worker-arg=--channels-last --worker-arg='--attention-backend flash'`.
 
 Rehearsal: the same code path on the CPU with shrunk models, 64x64, 2 steps, 1 thread, in about a

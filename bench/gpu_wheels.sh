@@ -24,6 +24,8 @@ PACKAGES=(
     prometheus-client fsspec
     # the benchmark's client
     httpx httpcore
+    # the opt-in GPU tests (python3 -m pytest -m gpu tests/gpu) after the benchmark
+    pytest pluggy iniconfig pygments pytest-timeout
 )
 
 pins=()
