@@ -5,10 +5,11 @@ loads the pipeline on its own GPU, at the same time; rank 0 checks that the mode
 then all K join one torch.distributed group and split the denoiser's attention over it with
 diffusers' `ContextParallelConfig` (ulysses or ring). A rank that exits before it is ready (it
 could not load the model, say) fails start-up with ModelLoadError instead of leaving rank 0
-waiting for it. Each batch the scheduler hands rank 0 is first sent to
-the others, so all ranks make the same pipeline call with the same seeds; rank 0 returns the
-images, the others drop theirs and report how their call ended. Closing sends a stop and waits for
-the children.
+waiting for it.
+
+Each batch the scheduler hands rank 0 is first sent to the others, so all ranks make the same
+pipeline call with the same seeds; rank 0 returns the images, the others drop theirs and report
+how their call ended. Closing sends a stop and waits for the children.
 
 Batches and outcomes travel over pipes, not over the process group: a rank waiting for work must
 notice when rank 0 is gone, and rank 0 must notice when a rank is. Failures:
