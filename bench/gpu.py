@@ -38,9 +38,9 @@ On the device machine (Python 3.12 and torch, no diffusers/fastapi/pydantic; whe
 
     python3 bench/gpu.py --model sd15 --out $OUT      # instead of --all: one model per call
 
-The opt-in GPU tests run from the same install (pytest is among the wheels), e.g. after a model:
-
-    python3 -m pytest -m gpu tests/gpu -p no:cacheprovider
+The opt-in GPU tests run from the same install (pytest is among the wheels). `bench/gpu_session.sh`
+does all of it in one device call: install, `pytest -m gpu tests/gpu`, then this script for
+MODELS (default sd15) within BUDGET seconds, everything under $OUT.
 
 Extra worker flags: `--worker-arg=--channels-last --worker-arg='--attention-backend flash'`.
 
