@@ -68,3 +68,27 @@ requests = st.builds(
 def test_requests_round_trip_through_json(request: ImageGenerationRequest) -> None:
     again = ImageGenerationRequest.model_validate_json(request.model_dump_json(exclude_none=True))
     assert again.model_dump(exclude_none=True) == request.model_dump(exclude_none=True)
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6)), min_size=1, max_size=6),
+    st.integers(0, 40),
+)
+def test_an_out_of_memory_split_keeps_every_image_once_and_in_order(
+    pieces: list[tuple[int, int]], cut: int
+) -> None:
+    """split_slices (the scheduler's halving of a batch that ran out of memory) on slices of
+    distinct jobs: the two parts hold exactly the batch's images, in order, `cut` in the first."""
+    from diffusion_worker.scheduler import _Slice, split_slices
+
+    jobs = [object() for _ in pieces]
+    slices = [_Slice(job, start, start + size) for job, (start, size) in zip(jobs, pieces, strict=True)]
+
+    def images(parts: list[_Slice]) -> list[tuple[int, int]]:
+        return [(id(part.job), index) for part in parts for index in range(part.start, part.stop)]
+
+    total = sum(size for _, size in pieces)
+    first, rest = split_slices(slices, min(cut, total))
+    assert len(images(first)) == min(cut, total)
+    assert images(first) + images(rest) == images(slices)
+    assert all(part.stop > part.start for part in first + rest), "no empty slices"
