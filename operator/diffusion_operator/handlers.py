@@ -23,6 +23,15 @@ from diffusion_operator.kube import ApiError, KubeApi, load_api_client
 from diffusion_operator.reconcile import Outcome, reconcile_service
 
 CHILD_FILTER = {c.LABEL_MANAGED_BY: c.OPERATOR_NAME}
+# Watched for the services' sake: the children, and the worker pods (not children, but their state
+# is the service's; see pods.py). Label-selected on the server, so the operator never streams the
+# rest of the cluster's Deployments, Services, PVCs and Pods.
+WATCHED = (
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("", "v1", "persistentvolumeclaims"),
+    ("", "v1", "pods"),
+)
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -34,6 +43,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     )
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 600
+    for group, version, plural in WATCHED:
+        settings.watching.label_selectors[group, version, plural] = f"{c.LABEL_MANAGED_BY}={c.OPERATOR_NAME}"
     settings.networking.request_timeout = 60
     if getattr(memo, "api", None) is None:
         memo.api = KubeApi(load_api_client())
@@ -141,11 +152,6 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         initial_delay=config.resync_seconds,
         registry=registry,
     )(resync)
-    for group, version, plural in (
-        ("apps", "v1", "deployments"),
-        ("", "v1", "services"),
-        ("", "v1", "persistentvolumeclaims"),
-        ("", "v1", "pods"),  # not children, but their state is the service's (pods.py)
-    ):
+    for group, version, plural in WATCHED:
         kopf.on.event(group, version, plural, labels=CHILD_FILTER, registry=registry)(child_changed)
     return registry

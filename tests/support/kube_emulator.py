@@ -253,6 +253,8 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
     _changed: asyncio.Condition | None = attrs.field(default=None, init=False)
     # Every state change: (verb, resource key, namespace, name). Tests assert "no writes" with it.
     writes: list[tuple[str, str, str | None, str]] = attrs.field(factory=list, init=False)
+    # Every watch opened: (resource key, its labelSelector). Tests check what the operator streams.
+    watches: list[tuple[str, str]] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -516,6 +518,7 @@ class KubeApiEmulator(kmock.KubernetesScaffold):
 
     async def _serve_watch(self, request: kmock.Request) -> AsyncIterator[Any]:
         kind = self._kind_of(request)
+        self.watches.append((kind.key, request.params.get("labelSelector", "")))
         if self._changed is None:
             self._changed = asyncio.Condition()
         labels = parse_label_selector(request.params.get("labelSelector", ""))

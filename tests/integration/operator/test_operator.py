@@ -263,3 +263,17 @@ def test_a_crash_looping_worker_pod_puts_its_last_log_line_in_the_ready_conditio
     assert kubectl.client.delete(f"{pods}/tiny-7d9f-x2x").status_code == 200
     kubectl.mark_deployment_available("tiny", 1)
     wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
+
+
+def test_children_and_pods_are_watched_through_a_server_side_label_selector(
+    kubectl: Kubectl, cluster: EmulatorThread
+) -> None:
+    """The operator streams only what it manages: a cluster's other Deployments, Services, PVCs and
+    Pods never reach it."""
+    kubectl.apply(tiny())
+    wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
+    managed = "app.kubernetes.io/managed-by=image-diffusion-operator"
+    streamed = ("apps/v1/deployments", "/v1/services", "/v1/persistentvolumeclaims", "/v1/pods")
+    selectors = [(key, selector) for key, selector in cluster.emulator.watches if key in streamed]
+    assert {key for key, _ in selectors} == set(streamed)
+    assert all(selector == managed for _, selector in selectors), selectors
