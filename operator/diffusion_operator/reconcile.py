@@ -23,6 +23,9 @@ from diffusion_operator.status import (
 
 logger = logging.getLogger(__name__)
 
+# Ready reasons read from the worker pods: a Warning Event when one starts.
+WORKER_PROBLEMS = frozenset({c.REASON_WORKER_FAILING, c.REASON_WORKER_UNSCHEDULABLE})
+
 
 @dataclasses.dataclass(frozen=True)
 class Event:
@@ -172,7 +175,10 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
     )
     verdict = judge(spec, meta, observed)
     status = build_status(meta, verdict, previous, spec=spec, observed=observed, now=now)
-    was_ready = (_previous_conditions(body).get(c.CONDITION_READY) or {}).get("status") == "True"
-    if verdict.ready[0] and not was_ready:
-        events.append(Event("Normal", verdict.ready[1], f"ready at {status['endpoint']}: {verdict.ready[2]}"))
+    previous_ready = _previous_conditions(body).get(c.CONDITION_READY) or {}
+    ready, reason, message = verdict.ready
+    if ready and previous_ready.get("status") != "True":
+        events.append(Event("Normal", reason, f"ready at {status['endpoint']}: {message}"))
+    if reason in WORKER_PROBLEMS and previous_ready.get("reason") != reason:
+        events.append(Event("Warning", reason, message))  # once per problem, not per restart
     return Outcome(status_delta(previous, status), events)

@@ -13,7 +13,7 @@ import pytest
 
 from diffusion_operator import constants as c
 from diffusion_operator.kube import ApiError
-from diffusion_operator.reconcile import Outcome, is_subset, needs_apply, reconcile_service
+from diffusion_operator.reconcile import Event, Outcome, is_subset, needs_apply, reconcile_service
 from diffusion_operator.render import child_labels, render_children
 from diffusion_operator.spec import Meta, parse_spec
 
@@ -159,3 +159,42 @@ def test_a_pass_reads_the_worker_pods_of_its_own_service_into_the_ready_conditio
 
 def ready_condition(outcome: Outcome) -> dict[str, Any]:
     return next(cond for cond in outcome.status_delta["conditions"] if cond["type"] == "Ready")
+
+
+def test_a_worker_problem_posts_one_warning_when_it_starts_not_on_every_restart() -> None:
+    api = FakeApi()
+    status: dict[str, Any] = {}
+
+    def run_pass() -> list[Event]:
+        outcome = reconcile_service(api, body(SPEC, status), "worker:1")
+        status.update(outcome.status_delta)
+        return outcome.events
+
+    run_pass()
+    crash = {
+        "metadata": {"name": "svc-pod", "namespace": "ns", "labels": child_labels(Meta("svc", "ns", "u1"))},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": c.WORKER_CONTAINER_NAME,
+                    "restartCount": 2,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                }
+            ]
+        },
+    }
+    api.objects[("Pod", "ns", "svc-pod")] = crash
+    (warning,) = run_pass()
+    assert (warning.type, warning.reason) == ("Warning", c.REASON_WORKER_FAILING)
+    assert warning.message.endswith("worker pod svc-pod: CrashLoopBackOff, restarted 2 times")
+    crash["status"]["containerStatuses"][0]["restartCount"] = 3
+    assert run_pass() == [], "a restart changes the message, not the problem"
+    assert "restarted 3 times" in ready_condition_of(status)["message"]
+    del api.objects[("Pod", "ns", "svc-pod")]
+    assert run_pass() == []
+    api.objects[("Pod", "ns", "svc-pod")] = crash
+    assert [event.reason for event in run_pass()] == [c.REASON_WORKER_FAILING], "a new episode warns again"
+
+
+def ready_condition_of(status: dict[str, Any]) -> dict[str, Any]:
+    return next(cond for cond in status["conditions"] if cond["type"] == "Ready")
