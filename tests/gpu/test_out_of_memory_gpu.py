@@ -84,10 +84,19 @@ def test_a_batch_too_big_for_the_card_is_split_and_its_memory_returns(tiny_model
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(limit / total)
         metrics = WorkerMetrics()
+        metrics.watch_devices([engine.device])
         try:
             images = through_scheduler(engine, metrics, 4)
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
+        memory = {
+            kind: metrics.registry.get_sample_value(
+                "diffusion_worker_device_memory_bytes", {"device": engine.device, "kind": kind}
+            )
+            for kind in ("allocated", "reserved", "peak_allocated")
+        }
+        assert 0 < (memory["allocated"] or 0) <= (memory["reserved"] or 0), memory
+        assert (memory["peak_allocated"] or 0) >= (memory["allocated"] or 0), memory
         splits = metrics.registry.get_sample_value("diffusion_worker_out_of_memory_splits_total")
         assert splits is not None and splits >= 1, "the batch of 4 fitted: nothing was tested"
         for made, reference in zip(images, expected, strict=True):

@@ -56,6 +56,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engines = await asyncio.to_thread(engine_loader, settings)
+        metrics.watch_devices([engine.device for engine in engines])
         scheduler = Scheduler(
             engines,
             max_queue=settings.max_queue,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -68,3 +71,32 @@ class WorkerMetrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def watch_devices(self, devices: list[str]) -> None:
+        """Expose torch's CUDA allocator figures for the CUDA ones among `devices` (none on a CPU)."""
+        cuda = sorted({device for device in devices if device.startswith("cuda")})
+        if cuda:
+            self.registry.register(DeviceMemoryCollector(cuda))
+
+
+class DeviceMemoryCollector:
+    """Read at each scrape: bytes in tensors (allocated), held from the driver by torch's caching
+    allocator (reserved), and the allocated peak since start. Reserved well above allocated means
+    fragmentation; the peak against the card's memory says how much room --max-batch-size has."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self.devices = devices
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        import torch
+
+        family = GaugeMetricFamily(
+            "diffusion_worker_device_memory_bytes",
+            "torch CUDA allocator memory by device and kind (allocated, reserved, peak_allocated).",
+            labels=["device", "kind"],
+        )
+        for device in self.devices:
+            family.add_metric([device, "allocated"], torch.cuda.memory_allocated(device))
+            family.add_metric([device, "reserved"], torch.cuda.memory_reserved(device))
+            family.add_metric([device, "peak_allocated"], torch.cuda.max_memory_allocated(device))
+        yield family
