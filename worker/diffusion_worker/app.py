@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffusion_worker import __version__
-from diffusion_worker.engine import Engine, load_engines
+from diffusion_worker.engine import Engine, batch_limit, load_engines
 from diffusion_worker.errors import APIError
 from diffusion_worker.logs import request_id_var
 from diffusion_worker.metrics import WorkerMetrics
@@ -60,7 +60,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         scheduler = Scheduler(
             engines,
             max_queue=settings.max_queue,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=min(batch_limit(engine, settings) for engine in engines),
             metrics=metrics,
             batch_wait_seconds=settings.batch_wait_ms / 1000,
         )

@@ -348,7 +348,7 @@ def follow(
 
     # Loaded before joining: a rank that cannot load exits while rank 0 waits on a pipe, not in
     # the group's rendezvous (which would wait for it for COLLECTIVE_TIMEOUT).
-    engine = DiffusersEngine.load(settings, device, warm=False)
+    engine = DiffusersEngine.load(settings, device)
     outcomes.send(LOADED)
     join_group(settings, rank, address, device)
     try:
@@ -431,7 +431,7 @@ def start(
             batches_in.close()  # the child's ends: closed here so that EOF reaches whoever is left
             outcomes_out.close()
             ranks.append(Rank(number, process, batches_out, outcomes_in))
-        engine = DiffusersEngine.load(settings, device_for_rank(0), warm=False)
+        engine = DiffusersEngine.load(settings, device_for_rank(0))
         if parallelize is enable_context_parallel:
             check_supported(engine.pipeline, settings)
         for rank in ranks:

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -82,6 +82,9 @@ class ModelInfo:
     supports_step_callback: bool = False
     # The most denoising steps the pipeline's scheduler can run; None when it sets no known limit.
     max_steps: int | None = None
+    # The most images per call that fit in device memory at the default size (check_max_batch);
+    # None when not checked.
+    max_batch_size: int | None = None
 
 
 class Engine(Protocol):
@@ -158,9 +161,9 @@ class DiffusersEngine:
         self.info = with_model_defaults(describe_pipeline(pipeline), defaults or {})
 
     @classmethod
-    def load(cls, settings: WorkerSettings, device: str, *, warm: bool = True) -> DiffusersEngine:
-        """Load --model through `from_pretrained` onto `device`; with --compile, also `warm_up`
-        (unless `warm` is False: context parallelism warms up once every rank is ready)."""
+    def load(cls, settings: WorkerSettings, device: str) -> DiffusersEngine:
+        """Load --model through `from_pretrained` onto `device` (`prepare_engines` then checks the
+        batch size and warms up)."""
         import diffusers
 
         try:
@@ -190,10 +193,7 @@ class DiffusersEngine:
         apply_pipeline_options(pipeline, settings)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
-        engine = cls(pipeline, device, defaults)
-        if settings.compile and warm:
-            warm_up(engine, settings)
-        return engine
+        return cls(pipeline, device, defaults)
 
     def generate(
         self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
@@ -327,6 +327,34 @@ def native_size(pipeline: Any) -> tuple[int, int]:
     return (side, side)
 
 
+def start_up_batch(engine: Engine, settings: WorkerSettings, size: int, guidance: float) -> GenerationBatch:
+    """`size` images at the default size, WARM_UP_STEPS steps: what start-up runs before serving."""
+    width, height = (
+        parse_size(settings.default_size, max_pixels=settings.max_pixels)
+        if settings.default_size
+        else engine.info.default_size
+    )
+    return GenerationBatch(
+        prompts=[WARM_UP_PROMPT] * size,
+        negative_prompts=None,
+        width=width,
+        height=height,
+        num_inference_steps=WARM_UP_STEPS,
+        guidance_scale=guidance,
+        seeds=list(range(size)),
+    )
+
+
+def default_guidance(engine: Engine, settings: WorkerSettings) -> float:
+    guidance = settings.default_guidance_scale
+    return engine.info.default_guidance_scale if guidance is None else guidance
+
+
+def batch_limit(engine: Engine, settings: WorkerSettings) -> int:
+    """The most images per call: --max-batch-size, or less where check_max_batch found less fits."""
+    return min(settings.max_batch_size, engine.info.max_batch_size or settings.max_batch_size)
+
+
 def warm_up(engine: Engine, settings: WorkerSettings) -> None:
     """Run the calls that make torch.compile build its graphs, before the port opens, so no
     request pays for them: one image and a full batch (the batch dimension then compiles as
@@ -334,32 +362,57 @@ def warm_up(engine: Engine, settings: WorkerSettings) -> None:
     default size. A request at another size compiles once more on first use."""
     import time
 
-    width, height = (
-        parse_size(settings.default_size, max_pixels=settings.max_pixels)
-        if settings.default_size
-        else engine.info.default_size
-    )
-    default_guidance = settings.default_guidance_scale
-    if default_guidance is None:
-        default_guidance = engine.info.default_guidance_scale
-    guidances = [default_guidance]
-    if engine.info.supports_guidance_scale and default_guidance > 1:
+    guidances = [default_guidance(engine, settings)]
+    if engine.info.supports_guidance_scale and guidances[0] > 1:
         guidances.append(1.0)
     started = time.perf_counter()
     for guidance in guidances:
-        for size in sorted({1, settings.max_batch_size}):
-            engine.generate(
-                GenerationBatch(
-                    prompts=[WARM_UP_PROMPT] * size,
-                    negative_prompts=None,
-                    width=width,
-                    height=height,
-                    num_inference_steps=WARM_UP_STEPS,
-                    guidance_scale=guidance,
-                    seeds=list(range(size)),
-                )
-            )
+        for size in sorted({1, batch_limit(engine, settings)}):
+            engine.generate(start_up_batch(engine, settings, size, guidance))
     log.info("warmed up the compiled %s in %.1fs", engine.device, time.perf_counter() - started)
+
+
+def fit_max_batch(engine: Engine, settings: WorkerSettings) -> int:
+    """The largest batch, from --max-batch-size halving down, that makes a start-up batch at the
+    default size and guidance without running out of device memory (ModelLoadError if one image
+    does not fit)."""
+    guidance = default_guidance(engine, settings)
+    size = settings.max_batch_size
+    while True:
+        work = start_up_batch(engine, settings, size, guidance)
+        try:
+            engine.generate(work)
+        except DeviceOutOfMemoryError as exc:
+            if size == 1:
+                raise ModelLoadError(
+                    f"one {work.width}x{work.height} image does not fit in {engine.device}'s memory ({exc}); "
+                    "try --vae-tiling, a smaller --default-size or dtype, or a larger GPU"
+                ) from exc
+            size //= 2
+            continue
+        if size < settings.max_batch_size:
+            log.warning(
+                "--max-batch-size %d does not fit in %s's memory at %dx%d; batches capped at %d",
+                settings.max_batch_size,
+                engine.device,
+                work.width,
+                work.height,
+                size,
+            )
+        return size
+
+
+def prepare_engines(engines: Sequence[DiffusersEngine], settings: WorkerSettings) -> None:
+    """Before the port opens: check the batch size fits in device memory (check_max_batch), then
+    the compile warm-up. The data-parallel devices hold the same model: one check serves all."""
+    check = settings.check_max_batch
+    if check == "on" or (check == "auto" and engines[0].device.startswith("cuda")):
+        fitted = fit_max_batch(engines[0], settings)
+        for engine in engines:
+            engine.info = dataclasses.replace(engine.info, max_batch_size=fitted)
+    if settings.compile:
+        for engine in engines:
+            warm_up(engine, settings)
 
 
 def load_engines(settings: WorkerSettings) -> list[Engine]:
@@ -372,4 +425,6 @@ def load_engines(settings: WorkerSettings) -> list[Engine]:
         from diffusion_worker import context_parallel
 
         return [context_parallel.start(settings)]
-    return [DiffusersEngine.load(settings, device) for device in select_devices(settings)]
+    engines = [DiffusersEngine.load(settings, device) for device in select_devices(settings)]
+    prepare_engines(engines, settings)
+    return list(engines)

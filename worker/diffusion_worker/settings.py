@@ -141,6 +141,13 @@ class WorkerSettings(BaseSettings):
         4000, ge=1, description="Longest prompt (and negative prompt), in characters."
     )
     max_batch_size: int = Field(4, ge=1, le=256, description="Most images generated in one pipeline call.")
+    check_max_batch: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Before the port opens, make a batch of --max-batch-size images at the default size "
+        "(2 steps) and halve it until it fits in device memory; batches are then capped at what fit. "
+        "auto: on for CUDA devices. Never with context parallelism (a rank alone needs more memory than "
+        "its share).",
+    )
     max_queue: int = Field(
         64, ge=1, description="Most images waiting or running; requests beyond it get 429 with Retry-After."
     )

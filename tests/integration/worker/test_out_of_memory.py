@@ -1,4 +1,5 @@
-"""Out of device memory: a batch is split until it fits, and only an image that never fits fails.
+"""Out of device memory: a batch is split until it fits, and only an image that never fits fails;
+at start-up, --check-max-batch caps batches at what fits.
 
 No CPU can run out of CUDA memory for real, so the real tiny pipeline is wrapped by
 `OutOfMemoryWhen` (tests/support/engines.py), which raises `torch.cuda.OutOfMemoryError` for the
@@ -13,6 +14,7 @@ import io
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +23,8 @@ import openai
 import pytest
 from PIL import Image
 
-from diffusion_worker.engine import DiffusersEngine
+from diffusion_worker.engine import DiffusersEngine, Engine, ModelLoadError, prepare_engines
+from diffusion_worker.settings import WorkerSettings
 from support.engines import ObservedEngine, OutOfMemoryWhen, observed_loader
 
 pytestmark = pytest.mark.integration
@@ -156,3 +159,54 @@ def test_a_stream_retried_after_running_out_of_memory_mid_call_sends_each_previe
         by_image.setdefault(event.model_extra["nvext"]["image_index"], []).append((event.type, index))
     partial, completed = "image_generation.partial_image", "image_generation.completed"
     assert by_image == {image: [(partial, 0), (partial, 1), (completed, None)] for image in (0, 1)}
+
+
+def loader_running_out_above(
+    images: int, holder: list[ObservedEngine]
+) -> Callable[[WorkerSettings], list[Engine]]:
+    """load_engines' own steps (load, then prepare_engines: the start-up batch check) with the
+    pipeline running out of memory for calls of more than `images` images."""
+
+    def load(settings: WorkerSettings) -> list[Engine]:
+        engine = DiffusersEngine.load(settings, "cpu")
+        OutOfMemoryWhen(engine, lambda call: len(call["prompt"]) > images)
+        prepare_engines([engine], settings)
+        holder.append(ObservedEngine(engine, gated=False))
+        return list(holder)
+
+    return load
+
+
+def test_start_up_caps_batches_at_what_fits_so_requests_never_split(
+    start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(
+        engine_loader=loader_running_out_above(2, engines), max_batch_size=8, check_max_batch="on"
+    )
+    assert "--max-batch-size 8 does not fit in cpu's memory at 64x64; batches capped at 2" in caplog.text
+    assert engines[0].info.max_batch_size == 2
+    response = post(url, {"prompt": "p", "n": 4, "response_format": "b64_json"})
+    assert response.status_code == 200 and len(response.json()["data"]) == 4
+    assert [len(batch) for batch in engines[0].batches] == [2, 2]
+    assert metric(url, "diffusion_worker_out_of_memory_splits_total 0.0")
+
+
+def test_start_up_refuses_a_model_one_image_of_which_does_not_fit(tiny_model_dir: Path) -> None:
+    settings = WorkerSettings(model=str(tiny_model_dir), check_max_batch="on", max_batch_size=4)
+    engine = DiffusersEngine.load(settings, "cpu")
+    failing = OutOfMemoryWhen(engine, lambda call: True)
+    with pytest.raises(
+        ModelLoadError, match=r"one 64x64 image does not fit in cpu's memory .* try --vae-tiling"
+    ):
+        prepare_engines([engine], settings)
+    assert failing.failures == 3, "tried 4, 2, then 1 image"
+
+
+def test_the_start_up_check_is_off_on_a_cpu_by_default(tiny_model_dir: Path) -> None:
+    settings = WorkerSettings(model=str(tiny_model_dir), max_batch_size=4)
+    assert settings.check_max_batch == "auto"
+    engine = DiffusersEngine.load(settings, "cpu")
+    failing = OutOfMemoryWhen(engine, lambda call: True)
+    prepare_engines([engine], settings)
+    assert failing.failures == 0 and engine.info.max_batch_size is None
