@@ -95,15 +95,27 @@ def _stalled_with(body: Mapping[str, Any], reason: str, message: str) -> bool:
     )
 
 
-def _worker_pods(api: KubeApi, meta: Meta) -> list[dict[str, Any]]:
-    return api.list("v1", "Pod", meta.namespace, selector_string(meta))
+def _worker_pods(api: KubeApi, meta: Meta, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The worker pods, for the Ready message. They only explain, so failing to list them does not
+    fail the pass (under API faults that would cost a retry of everything; without the `pods` RBAC
+    grant, every pass), except a transient failure while the status names a pod problem, which a
+    pass without pods would wrongly clear: that pass is retried."""
+    try:
+        return api.list("v1", "Pod", meta.namespace, selector_string(meta))
+    except ApiError as exc:
+        reason = (_previous_conditions(body).get(c.CONDITION_READY) or {}).get("reason")
+        if exc.transient and reason in WORKER_PROBLEMS:
+            raise
+        level = logging.INFO if exc.transient else logging.WARNING
+        logger.log(level, "worker pods of %s/%s not listed: %s", meta.namespace, meta.name, exc)
+        return []
 
 
-def _observe(api: KubeApi, meta: Meta) -> Observed:
+def _observe(api: KubeApi, meta: Meta, body: Mapping[str, Any]) -> Observed:
     return Observed(
         deployment=api.get("apps/v1", "Deployment", meta.namespace, meta.name),
         model_cache=api.get("v1", "PersistentVolumeClaim", meta.namespace, model_cache_name(meta.name)),
-        pods=_worker_pods(api, meta),
+        pods=_worker_pods(api, meta, body),
     )
 
 
@@ -139,7 +151,7 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
     except InvalidSpecError as exc:
         message = str(exc)
         # Existing children keep serving the last good spec; a new service gets none.
-        observed = _observe(api, meta)
+        observed = _observe(api, meta, body)
         status = build_status(meta, invalid_verdict(message), previous, spec=None, observed=observed, now=now)
         events = (
             []
@@ -160,7 +172,7 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
             reconciling=(False, c.REASON_APPLY_FAILED, message),
             stalled=(True, c.REASON_APPLY_FAILED, message),
         )
-        status = build_status(meta, verdict, previous, spec=spec, observed=_observe(api, meta), now=now)
+        status = build_status(meta, verdict, previous, spec=spec, observed=_observe(api, meta, body), now=now)
         failed = (
             []
             if _stalled_with(body, c.REASON_APPLY_FAILED, message)
@@ -171,7 +183,7 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
     observed = Observed(
         deployment=lives.get("Deployment"),
         model_cache=lives.get("PersistentVolumeClaim"),
-        pods=_worker_pods(api, meta),
+        pods=_worker_pods(api, meta, body),
     )
     verdict = judge(spec, meta, observed)
     status = build_status(meta, verdict, previous, spec=spec, observed=observed, now=now)

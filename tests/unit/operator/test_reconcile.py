@@ -25,12 +25,15 @@ class FakeApi:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.applies: list[str] = []
         self.fail_apply = fail_apply
+        self.fail_list: ApiError | None = None
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.objects.get((kind, namespace, name))
         return copy.deepcopy(found) if found else None
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        if self.fail_list is not None:
+            raise self.fail_list
         wanted = dict(pair.split("=", 1) for pair in label_selector.split(","))
         return [
             copy.deepcopy(obj)
@@ -198,3 +201,24 @@ def test_a_worker_problem_posts_one_warning_when_it_starts_not_on_every_restart(
 
 def ready_condition_of(status: dict[str, Any]) -> dict[str, Any]:
     return next(cond for cond in status["conditions"] if cond["type"] == "Ready")
+
+
+@pytest.mark.parametrize("error", [ApiError(500, "etcd timeout"), ApiError(403, "pods is forbidden")])
+def test_failing_to_list_pods_does_not_fail_the_pass(error: ApiError) -> None:
+    api = FakeApi()
+    api.fail_list = error
+    outcome = reconcile_service(api, body(SPEC), "worker:1")
+    assert ready_condition(outcome)["reason"] == c.REASON_ROLLING_OUT
+
+
+def test_a_transient_pod_list_failure_is_retried_while_the_status_names_a_pod_problem() -> None:
+    api = FakeApi()
+    reconcile_service(api, body(SPEC), "worker:1")
+    api.fail_list = ApiError(500, "etcd timeout")
+    previous = {"conditions": [{"type": "Ready", "status": "False", "reason": c.REASON_WORKER_FAILING}]}
+    with pytest.raises(ApiError):
+        reconcile_service(api, body(SPEC, previous), "worker:1")
+    api.fail_list = ApiError(403, "pods is forbidden")  # will not get better: go on without pods
+    assert ready_condition(reconcile_service(api, body(SPEC, previous), "worker:1"))["reason"] == (
+        c.REASON_ROLLING_OUT
+    )
