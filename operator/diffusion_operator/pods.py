@@ -82,11 +82,13 @@ def worker_pod_problem(pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | N
     """(condition reason, message) for the first pod, by name, that fails or cannot be placed;
     a failing container first (it names its cause), then a pod no node can take. None: no problem
     the pods can tell (they may just be starting or loading the model)."""
-    ordered = sorted(pods, key=lambda pod: pod["metadata"]["name"])
-    for pod in ordered:
-        if (pod["metadata"].get("deletionTimestamp")) is None and (message := _failing_container(pod)):
-            return c.REASON_WORKER_FAILING, message
-    for pod in ordered:
-        if (pod["metadata"].get("deletionTimestamp")) is None and (message := _unschedulable(pod)):
-            return c.REASON_WORKER_UNSCHEDULABLE, message
+    live = [pod for pod in sorted(pods, key=lambda pod: pod["metadata"]["name"])
+            if pod["metadata"].get("deletionTimestamp") is None]  # fmt: skip
+    for reason, explain in (
+        (c.REASON_WORKER_FAILING, _failing_container),
+        (c.REASON_WORKER_UNSCHEDULABLE, _unschedulable),
+    ):
+        for pod in live:
+            if message := explain(pod):
+                return reason, message
     return None

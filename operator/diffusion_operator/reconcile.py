@@ -18,6 +18,7 @@ from diffusion_operator.status import (
     invalid_verdict,
     judge,
     now_iso,
+    pods_needed,
     status_delta,
 )
 
@@ -111,11 +112,11 @@ def _worker_pods(api: KubeApi, meta: Meta, body: Mapping[str, Any]) -> list[dict
         return []
 
 
-def _observe(api: KubeApi, meta: Meta, body: Mapping[str, Any]) -> Observed:
+def _observe(api: KubeApi, meta: Meta) -> Observed:
+    """The children, for the status of a pass that decided its verdict without them (no pods)."""
     return Observed(
         deployment=api.get("apps/v1", "Deployment", meta.namespace, meta.name),
         model_cache=api.get("v1", "PersistentVolumeClaim", meta.namespace, model_cache_name(meta.name)),
-        pods=_worker_pods(api, meta, body),
     )
 
 
@@ -151,7 +152,7 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
     except InvalidSpecError as exc:
         message = str(exc)
         # Existing children keep serving the last good spec; a new service gets none.
-        observed = _observe(api, meta, body)
+        observed = _observe(api, meta)
         status = build_status(meta, invalid_verdict(message), previous, spec=None, observed=observed, now=now)
         events = (
             []
@@ -172,7 +173,7 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
             reconciling=(False, c.REASON_APPLY_FAILED, message),
             stalled=(True, c.REASON_APPLY_FAILED, message),
         )
-        status = build_status(meta, verdict, previous, spec=spec, observed=_observe(api, meta, body), now=now)
+        status = build_status(meta, verdict, previous, spec=spec, observed=_observe(api, meta), now=now)
         failed = (
             []
             if _stalled_with(body, c.REASON_APPLY_FAILED, message)
@@ -180,10 +181,11 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
         )
         return Outcome(status_delta(previous, status), failed)
 
+    deployment = lives.get("Deployment")
     observed = Observed(
-        deployment=lives.get("Deployment"),
+        deployment=deployment,
         model_cache=lives.get("PersistentVolumeClaim"),
-        pods=_worker_pods(api, meta, body),
+        pods=_worker_pods(api, meta, body) if pods_needed(spec, deployment) else (),
     )
     verdict = judge(spec, meta, observed)
     status = build_status(meta, verdict, previous, spec=spec, observed=observed, now=now)

@@ -43,6 +43,38 @@ def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> Mapping[
     return {}
 
 
+def _deadline_exceeded(deployment: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The Deployment's Progressing condition when its progress deadline has passed."""
+    progressing = _deployment_condition(deployment, "Progressing")
+    stalled = progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded"
+    return progressing if stalled else None
+
+
+def _serving(spec: ServiceSpec, deployment: Mapping[str, Any]) -> bool:
+    """All `spec.replicas` pods of the Deployment's current generation are available (replicas > 0)."""
+    status = deployment.get("status") or {}
+    desired = spec.replicas
+    rolled_out = (
+        int(status.get("observedGeneration", 0)) >= int(deployment["metadata"].get("generation", 1))
+        and int(status.get("updatedReplicas", 0)) >= desired
+        and int(status.get("replicas", 0)) == int(status.get("updatedReplicas", 0))
+        and int(status.get("availableReplicas", 0)) >= desired
+    )
+    return (
+        desired > 0 and rolled_out and _deployment_condition(deployment, "Available").get("status") == "True"
+    )
+
+
+def pods_needed(spec: ServiceSpec, deployment: Mapping[str, Any] | None) -> bool:
+    """Whether `judge` reads the worker pods: a rollout under way or stalled, not a service that is
+    serving or scaled to zero (so a Ready service's passes list no pods)."""
+    if deployment is None:
+        return False
+    return _deadline_exceeded(deployment) is not None or (
+        spec.replicas > 0 and not _serving(spec, deployment)
+    )
+
+
 def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
     """The three conditions for a valid spec (kstatus: Reconciling until available at this generation)."""
     cache = observed.model_cache
@@ -65,8 +97,8 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
         )
     status = deployment.get("status") or {}
     problem = worker_pod_problem(observed.pods)
-    progressing = _deployment_condition(deployment, "Progressing")
-    if progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded":
+    progressing = _deadline_exceeded(deployment)
+    if progressing is not None:
         message = f"worker rollout stalled: {progressing.get('message', 'progress deadline exceeded')}"
         if problem is not None:
             message += f"; {problem[1]}"
@@ -83,7 +115,6 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
     updated = int(status.get("updatedReplicas", 0))
     ready = int(status.get("readyReplicas", 0))
     available = int(status.get("availableReplicas", 0))
-    no_old_pods = total == updated
     if desired == 0:
         if observed_current and total == 0:
             return Verdict(
@@ -93,9 +124,7 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
             )
         message = f"scaling down: {total} worker pods left"
     else:
-        rolled_out = observed_current and updated >= desired and no_old_pods and available >= desired
-        available_condition = _deployment_condition(deployment, "Available").get("status") == "True"
-        if rolled_out and available_condition:
+        if _serving(spec, deployment):
             return Verdict(
                 ready=(True, c.REASON_AVAILABLE, f"{ready}/{desired} worker pods ready"),
                 reconciling=(False, c.REASON_RECONCILED, ""),

@@ -147,6 +147,11 @@ class _Progress:
     failed_at: float | None = None  # when another rank first reported failing `batch`
     outcomes: dict[int, str | None] = field(default_factory=dict)  # rank -> error, for `batch`
 
+    @property
+    def failures(self) -> dict[int, str]:
+        """The ranks that failed `batch`, with their errors."""
+        return {rank: error for rank, error in self.outcomes.items() if error}
+
 
 class ContextParallelEngine:
     """Rank 0's engine: each `generate` hands the batch to every rank, makes it here, and waits
@@ -201,7 +206,7 @@ class ContextParallelEngine:
                 lambda: len(progress.outcomes) == len(self.ranks) or self._stopped is not None,
                 timeout=self.grace,
             )
-        failed = {rank: message for rank, message in progress.outcomes.items() if message}
+        failed = progress.failures
         if not answered:
             missing = sorted({rank.number for rank in self.ranks} - set(progress.outcomes))
             ending = f"failed: {error}" if error is not None else "finished"
@@ -245,7 +250,7 @@ class ContextParallelEngine:
                     and progress.failed_at is not None
                     and time.monotonic() - progress.failed_at > self.grace
                 )
-                failed = {rank: message for rank, message in progress.outcomes.items() if message}
+                failed = progress.failures
             if stuck:
                 self._stop(
                     f"rank 0 still in batch {progress.batch} {self.grace:g}s after {describe(failed)}; "
