@@ -18,6 +18,8 @@ run stopped at the device's 10-minute limit still leaves everything it measured)
 4. raw compiled: as 2 with `pipe.unet = torch.compile(pipe.unet)` / `pipe.transformer.compile()`
    and a warm-up call;
 5. worker compiled: as 3 with `serve --compile` (compiled and warmed up before the port opens).
+Then the time to PNG-encode the reference image on the machine's CPU, Pillow vs the worker's
+encoder (`png_encode`): a cost the worker pays per image and the raw loop does not.
 
 Settings: SD 1.5 512x512 30 steps fp16, SDXL 1024x1024 30 steps bf16 (guidance 7.5); FLUX.1-dev
 1024x1024 28 steps bf16, guidance 3.5. Results go to `<out>/gpu-<card>-<date>[-<models>].json`.
@@ -1047,6 +1049,34 @@ def check_correctness(
     return checks
 
 
+def png_encode_cost(image: np.ndarray, repeats: int = 5) -> dict[str, Any]:
+    """Median ms to make a PNG of `image` on this machine's CPU: Pillow on one thread, and the
+    worker's encoder at its default thread count. The worker's is on the path of every
+    single-stream request (the raw loop makes no file), so it explains part of the overhead."""
+    from diffusion_worker.encoding import ImageEncoder, default_encode_threads
+
+    picture = Image.fromarray(image)
+    encoder = ImageEncoder(default_encode_threads())
+
+    def median_ms(encode: Callable[[], Any]) -> float:
+        encode()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            encode()
+            times.append(time.perf_counter() - started)
+        return round(statistics.median(times) * 1000, 2)
+
+    try:
+        return {
+            "pillow_ms": median_ms(lambda: picture.save(io.BytesIO(), format="PNG")),
+            "worker_ms": median_ms(lambda: encoder.encode([picture], "png")),
+            "worker_threads": encoder.threads,
+        }
+    finally:
+        encoder.close()
+
+
 def bench_model(
     name: str,
     setting: ModelSetting,
@@ -1108,6 +1138,10 @@ def bench_model(
         record["ratios"] = {m: ratios(phases, m) for m in MODES if f"raw_{m}" in phases}
         record["compile_speedup"] = compile_speedups(phases)
         record["correctness"] = check_correctness(images, phases, context.tolerance)
+        context.save()
+    reference = images.get("raw_eager")
+    if reference is not None:
+        record["png_encode"] = png_encode_cost(reference)
         context.save()
 
 

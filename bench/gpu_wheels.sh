@@ -21,7 +21,7 @@ PACKAGES=(
     # the worker's HTTP layer and settings (fastapi imports opentelemetry-api)
     fastapi starlette uvicorn h11 anyio pydantic pydantic-core pydantic-settings python-dotenv
     typing-extensions typing-inspection annotated-types annotated-doc opentelemetry-api
-    prometheus-client fsspec
+    prometheus-client fsspec isal
     # the benchmark's client
     httpx httpcore
     # the opt-in GPU tests (python3 -m pytest -m gpu tests/gpu) after the benchmark

@@ -7,9 +7,7 @@ skipped on machines with fewer than two GPUs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +15,9 @@ import pytest
 
 from diffusion_worker.engine import GenerationBatch, load_engines
 from diffusion_worker.settings import WorkerSettings
+from support.bench_scripts import load_bench_script
 
 pytestmark = pytest.mark.gpu
-
-GPU_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu.py"
 
 
 def gpus() -> int:
@@ -31,11 +28,7 @@ def gpus() -> int:
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = importlib.util.spec_from_file_location("bench_gpu_for_cp", GPU_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_bench_script("gpu")
     configs = bench.rehearsal_configs(json.loads(bench.CONFIG_PATH.read_text())["configs"])
     directory = tmp_path_factory.mktemp("models") / "flux"
     bench.build_and_save("flux", configs, None, "cuda", "bfloat16", directory)

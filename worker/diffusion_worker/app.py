@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffusion_worker import __version__
+from diffusion_worker.encoding import ImageEncoder, default_encode_threads
 from diffusion_worker.engine import Engine, batch_limit, load_engines
 from diffusion_worker.errors import APIError
 from diffusion_worker.logs import request_id_var
@@ -69,7 +70,10 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
             public_base_url=settings.public_base_url,
             url_expiry_seconds=settings.url_expiry_seconds,
         )
-        app.state.service = ImageGenerationService(settings, engines[0].info, scheduler, store, metrics)
+        encoder = ImageEncoder(settings.encode_threads or default_encode_threads())
+        app.state.service = ImageGenerationService(
+            settings, engines[0].info, scheduler, store, metrics, encoder
+        )
         app.state.scheduler = scheduler
         app.state.store = store
         scheduler.start()
@@ -83,6 +87,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
             yield
         finally:
             await asyncio.to_thread(scheduler.close)
+            encoder.close()
             for engine in engines:
                 engine.close()
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion_worker.encoding import encode_image
+from diffusion_worker.encoding import ImageEncoder
 from diffusion_worker.engine import DeviceOutOfMemoryError, GenerationBatch, ModelInfo
 from diffusion_worker.errors import APIError, invalid_param
 from diffusion_worker.logs import log_failure
@@ -104,8 +104,10 @@ class ImageGenerationService:
         scheduler: Scheduler,
         store: ImageStore,
         metrics: WorkerMetrics,
+        encoder: ImageEncoder,
     ) -> None:
         self.settings = settings
+        self.encoder = encoder
         self.metrics = metrics
         self.info = info
         self.scheduler = scheduler
@@ -217,7 +219,7 @@ class ImageGenerationService:
         images = await self._wait(self._submit(batch, request_id))
         output_format = request.output_format or "png"
         encoded = await asyncio.to_thread(
-            lambda: [encode_image(image, output_format, request.output_compression) for image in images]
+            self.encoder.encode, images, output_format, request.output_compression
         )
         response_format = request.response_format or "url"
         if response_format == "b64_json":
@@ -327,7 +329,9 @@ class ImageGenerationService:
         output_format = echo["output_format"]
 
         async def event(kind: str, index: int, image: Any, **fields: Any) -> dict[str, Any]:
-            blob = await asyncio.to_thread(encode_image, image, output_format, request.output_compression)
+            [blob] = await asyncio.to_thread(
+                self.encoder.encode, [image], output_format, request.output_compression
+            )
             return {
                 "type": kind,
                 "b64_json": base64.b64encode(blob).decode("ascii"),

@@ -151,6 +151,13 @@ class WorkerSettings(BaseSettings):
     max_queue: int = Field(
         64, ge=1, description="Most images waiting or running; requests beyond it get 429 with Retry-After."
     )
+    encode_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Threads that encode images; a PNG is cut into strips that encode in parallel. 0: one "
+        "per CPU the process may use (affinity and cgroup CPU limit), at most 16.",
+    )
     batch_wait_ms: float = Field(
         0,
         ge=0,

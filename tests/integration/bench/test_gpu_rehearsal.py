@@ -5,24 +5,18 @@ section compares the worker's image with the raw one for the same seed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from support.bench_scripts import load_bench_script
 
-GPU_SCRIPT = Path(__file__).resolve().parents[3] / "bench" / "gpu.py"
+pytestmark = pytest.mark.integration
 
 
 def test_rehearsal_writes_a_result_where_the_worker_image_equals_the_raw_image(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("bench_gpu_rehearsal", GPU_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_bench_script("gpu")
     status = module.main(
         [
             "--rehearse",
@@ -46,3 +40,4 @@ def test_rehearsal_writes_a_result_where_the_worker_image_equals_the_raw_image(t
     worker = record["phases"]["worker_eager"]
     assert worker["single_stream"]["s_per_image"]["median"] > 0
     assert worker["concurrency_8"]["images_per_s"] > 0
+    assert record["png_encode"]["worker_ms"] > 0 and record["png_encode"]["worker_threads"] >= 1

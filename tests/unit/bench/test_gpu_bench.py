@@ -8,31 +8,16 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import importlib.util
 import io
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
-GPU_SCRIPT = Path(__file__).resolve().parents[3] / "bench" / "gpu.py"
+from support.bench_scripts import load_bench_script
 
-
-def load_gpu_bench() -> ModuleType:
-    """bench/gpu.py is a script, not a package module: load it by path."""
-    spec = importlib.util.spec_from_file_location("bench_gpu", GPU_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu = load_gpu_bench()
+gpu = load_bench_script("gpu")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_worker.encoding import encode_image
+from diffusion_worker.encoding import ImageEncoder, encode_image, usable_cpus
+from diffusion_worker.png import encode_pngs
 
 
 def sample() -> Image.Image:
@@ -36,3 +39,48 @@ def test_compression_changes_jpeg_size() -> None:
 def test_unknown_format_raises() -> None:
     with pytest.raises(ValueError, match="gif"):
         encode_image(sample(), "gif")
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_encoder_threads_give_the_same_bytes_in_order(fmt: str) -> None:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)) for _ in range(4)]
+    expected = [encode_image(image, fmt, 90) for image in images]
+    encoder = ImageEncoder(3)
+    try:
+        assert encoder.encode(images, fmt, 90) == expected
+    finally:
+        encoder.close()
+    assert ImageEncoder(1).encode(images, fmt, 90) == expected
+
+
+def test_png_of_a_palette_image_goes_through_pillow() -> None:
+    palette = sample().convert("P")
+    decoded = Image.open(io.BytesIO(ImageEncoder(1).encode([palette], "png")[0]))
+    assert decoded.mode == "P"
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(palette.convert("RGB")))
+
+
+def test_png_of_rgb_uses_the_threaded_writer() -> None:
+    assert encode_image(sample(), "png") == encode_pngs([np.asarray(sample())])[0]
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({}, None),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 2),
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ],
+)
+def test_usable_cpus_follow_the_cgroup_cpu_limit(
+    tmp_path: Path, files: dict[str, str], limit: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (affinity if limit is None else min(affinity, limit))

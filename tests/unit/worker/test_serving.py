@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from diffusion_worker.encoding import ImageEncoder
 from diffusion_worker.engine import ModelInfo
 from diffusion_worker.errors import APIError
 from diffusion_worker.metrics import WorkerMetrics
@@ -34,7 +35,7 @@ def service(tmp_path: Path, info: ModelInfo = INFO, **overrides: Any) -> ImageGe
         [], max_queue=settings.max_queue, max_batch_size=settings.max_batch_size, metrics=metrics
     )
     store = ImageStore(settings.storage_url, public_base_url=None, url_expiry_seconds=60)
-    return ImageGenerationService(settings, info, scheduler, store, metrics)
+    return ImageGenerationService(settings, info, scheduler, store, metrics, ImageEncoder(1))
 
 
 def request(**fields: Any) -> ImageGenerationRequest:
