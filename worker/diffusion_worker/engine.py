@@ -68,6 +68,12 @@ class GenerationBatch:
             self.negative_prompts is not None,
         )
 
+    @property
+    def memory_key(self) -> tuple[Any, ...]:
+        """Batches with equal keys need the same device memory per image: the compatibility key
+        without the step count, which changes the time a call takes, not its memory."""
+        return (self.width, self.height, self.guidance_scale, self.negative_prompts is not None)
+
 
 @dataclass(frozen=True)
 class ModelInfo:

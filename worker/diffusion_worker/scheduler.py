@@ -15,7 +15,11 @@ request is gone stops at its next denoising step.
 
 Out of device memory: a batch of more than one image is retried as two halves (recursively), so
 requests that share a batch do not share its fate; only a single image that does not fit fails its
-request. The images are the same either way (per-image generators).
+request. The images are the same either way (per-image generators). The scheduler then makes
+batches of that size and guidance (`GenerationBatch.memory_key`) at most as large as the larger
+half for LEARNED_LIMIT_SECONDS, so later batches do not pay for a failed call each (one that fails
+in the VAE decode has run every denoising step first); after that the full size is tried again,
+in case memory was short only for a while (fragmentation, another process on the GPU).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.previews import PreviewPlan, preview_steps
 
 log = logging.getLogger(__name__)
+
+LEARNED_LIMIT_SECONDS = 600.0
 
 PartialSink = Callable[[int, int, Any], None]
 """Called on the event loop as sink(image_index, partial_image_index, pil_image)."""
@@ -76,6 +82,14 @@ class _Job:
 
 
 @dataclass(frozen=True)
+class _LearnedLimit:
+    """At most `images` per batch of one memory key, until `until` (time.monotonic())."""
+
+    images: int
+    until: float
+
+
+@dataclass(frozen=True)
 class _Slice:
     """Images start..stop of a job, as part of a batch."""
 
@@ -95,10 +109,13 @@ class Scheduler:
         max_batch_size: int,
         metrics: WorkerMetrics,
         batch_wait_seconds: float = 0.0,
+        learned_limit_seconds: float = LEARNED_LIMIT_SECONDS,
     ) -> None:
         self._engines = list(engines)
         self._max_queue = max_queue
         self._max_batch_size = max_batch_size
+        self._learned_limit_seconds = learned_limit_seconds
+        self._learned: dict[tuple[Any, ...], _LearnedLimit] = {}
         self._batch_wait_seconds = batch_wait_seconds
         self.metrics = metrics
         self._pending: deque[_Job] = deque()
@@ -213,21 +230,52 @@ class Scheduler:
                 if self._closed:
                     return None
                 self._condition.wait()
-            slices = self._take(self._max_batch_size, None)
+            first = next((job for job in self._pending if not job.cancelled), None)
+            limit = self._batch_limit(first.batch) if first is not None else self._max_batch_size
+            slices = self._take(limit, None)
             if not slices:
                 return []
             deadline = time.monotonic() + self._batch_wait_seconds
             size = sum(s.stop - s.start for s in slices)
             key = slices[0].job.batch.compatibility_key
-            while size < self._max_batch_size and not self._closed:
+            while size < limit and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._condition.wait(remaining)
-                more = self._take(self._max_batch_size - size, key)
+                more = self._take(limit - size, key)
                 slices.extend(more)
                 size += sum(s.stop - s.start for s in more)
             return slices
+
+    def _batch_limit(self, batch: GenerationBatch) -> int:
+        """Most images per batch like `batch`: --max-batch-size, or what running out of memory
+        taught for its size and guidance, while that lasts. Called with the condition held."""
+        learned = self._learned.get(batch.memory_key)
+        if learned is None:
+            return self._max_batch_size
+        if time.monotonic() >= learned.until:
+            del self._learned[batch.memory_key]
+            log.info(
+                "trying batches of %d %dx%d images again (%g s since one ran out of device memory)",
+                self._max_batch_size,
+                batch.width,
+                batch.height,
+                self._learned_limit_seconds,
+            )
+            return self._max_batch_size
+        return learned.images
+
+    def _learn_limit(self, batch: GenerationBatch, images: int) -> int:
+        """Batches like `batch` take at most `images` for the next learned_limit_seconds (or fewer,
+        if a lower limit is already in force); returns the limit now in force."""
+        with self._condition:
+            known = self._learned.get(batch.memory_key)
+            if known is not None and known.images <= images and time.monotonic() < known.until:
+                return known.images
+            until = time.monotonic() + self._learned_limit_seconds
+            self._learned[batch.memory_key] = _LearnedLimit(images, until)
+            return images
 
     def _run(self, engine: Engine) -> None:
         while True:
@@ -265,13 +313,18 @@ class Scheduler:
         except DeviceOutOfMemoryError as exc:
             if len(batch) > 1:
                 half = len(batch) // 2
+                limit = self._learn_limit(batch, len(batch) - half)
                 log.warning(
-                    "batch of %d failed: %s; retrying it as batches of %d and %d "
-                    "(lower --max-batch-size if this repeats)",
+                    "batch of %d failed: %s; retrying it as batches of %d and %d, and making "
+                    "%dx%d images at most %d at a time for the next %g s",
                     len(batch),
                     exc,
                     half,
                     len(batch) - half,
+                    batch.width,
+                    batch.height,
+                    limit,
+                    self._learned_limit_seconds,
                 )
                 self.metrics.out_of_memory_splits.inc()
                 halves = split_slices(slices, half)

@@ -1,5 +1,6 @@
 """Out of device memory: a batch is split until it fits, and only an image that never fits fails;
-at start-up, --check-max-batch caps batches at what fits.
+that size is then batched smaller for a while; at start-up, --check-max-batch caps batches at what
+fits.
 
 No CPU can run out of CUDA memory for real, so the real tiny pipeline is wrapped by
 `OutOfMemoryWhen` (tests/support/engines.py), which raises `torch.cuda.OutOfMemoryError` for the
@@ -9,8 +10,10 @@ pipeline's.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +26,16 @@ import openai
 import pytest
 from PIL import Image
 
-from diffusion_worker.engine import DiffusersEngine, Engine, ModelLoadError, prepare_engines
+from diffusion_worker.engine import (
+    DiffusersEngine,
+    Engine,
+    GenerationBatch,
+    ModelLoadError,
+    load_engines,
+    prepare_engines,
+)
+from diffusion_worker.metrics import WorkerMetrics
+from diffusion_worker.scheduler import Scheduler
 from diffusion_worker.settings import WorkerSettings
 from support.engines import ObservedEngine, OutOfMemoryWhen, observed_loader
 
@@ -75,22 +87,79 @@ def test_a_batch_that_does_not_fit_is_split_until_it_does_and_its_images_are_unc
 ) -> None:
     engines: list[ObservedEngine] = []
     url = start_worker(engine_loader=observed_loader(engines, gated=False), max_batch_size=4)
-    failing = OutOfMemoryWhen(real_engine(engines), lambda call: len(call["prompt"]) > 1)
     body = {"prompt": "p", "n": 4, "response_format": "b64_json", "nvext": {"seed": 7}}
+    whole = post(url, body)
+    assert [len(batch) for batch in engines[0].batches] == [4], "the real pipeline, one call"
+    failing = OutOfMemoryWhen(real_engine(engines), lambda call: len(call["prompt"]) > 1)
     response = post(url, body)
     assert response.status_code == 200, response.text
-    assert [len(batch) for batch in engines[0].batches] == [4, 2, 1, 1, 2, 1, 1]
+    assert [len(batch) for batch in engines[0].batches[1:]] == [4, 2, 1, 1, 2, 1, 1]
     assert failing.failures == 3 and not failing.leaked()
     assert metric(url, "diffusion_worker_out_of_memory_splits_total 3.0")
     assert not metric(url, 'diffusion_worker_failed_requests_total{reason="out_of_memory"}')
-    failing.restore()
-    whole = post(url, body)
-    assert [len(batch) for batch in engines[0].batches[7:]] == [4], "the real pipeline, one call"
     split_images = [pixels(image["b64_json"]) for image in response.json()["data"]]
     whole_images = [pixels(image["b64_json"]) for image in whole.json()["data"]]
     for split_image, whole_image in zip(split_images, whole_images, strict=True):
         assert np.abs(split_image - whole_image).max() <= 1
     assert len({image.tobytes() for image in split_images}) == 4, "four seeds, four images"
+
+
+def test_a_size_and_guidance_that_ran_out_are_then_batched_smaller_others_are_not(
+    start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False), max_batch_size=4)
+    failing = OutOfMemoryWhen(
+        real_engine(engines), lambda call: len(call["prompt"]) > 2 and call["guidance_scale"] > 1
+    )
+    body = {"prompt": "p", "n": 4, "size": "64x64", "response_format": "b64_json"}
+    assert post(url, body).status_code == 200
+    assert [len(batch) for batch in engines[0].batches] == [4, 2, 2]
+    assert "making 64x64 images at most 2 at a time for the next 600 s" in caplog.text
+    assert post(url, body).status_code == 200
+    assert [len(batch) for batch in engines[0].batches[3:]] == [2, 2], "no failed call the second time"
+    other_guidance = {**body, "nvext": {"guidance_scale": 1.0}}
+    assert post(url, other_guidance).status_code == 200
+    assert [len(batch) for batch in engines[0].batches[5:]] == [4], "another guidance is not limited"
+    assert failing.failures == 1
+
+
+def test_a_learned_limit_lapses_and_the_full_batch_is_tried_again(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the scheduler itself, with a 0.5 s lapse instead of the worker's 600 s."""
+    caplog.set_level(logging.INFO, logger="diffusion_worker.scheduler")
+    (engine,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
+    assert isinstance(engine, DiffusersEngine)
+    failing = OutOfMemoryWhen(engine, lambda call: len(call["prompt"]) > 2)
+    observed = ObservedEngine(engine, gated=False)
+    scheduler = Scheduler(
+        [observed], max_queue=16, max_batch_size=4, metrics=WorkerMetrics(), learned_limit_seconds=0.5
+    )
+    batch = GenerationBatch(
+        prompts=["p"] * 4,
+        negative_prompts=None,
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        seeds=[1, 2, 3, 4],
+    )
+
+    async def scenario() -> None:
+        scheduler.start()
+        await scheduler.generate(batch, "r1")
+        await scheduler.generate(batch, "r2")
+        await asyncio.sleep(0.6)
+        failing.restore()
+        await scheduler.generate(batch, "r3")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert [len(call) for call in observed.batches] == [4, 2, 2, 2, 2, 4]
+    assert "trying batches of 4 64x64 images again" in caplog.text
 
 
 def test_only_the_request_whose_image_does_not_fit_fails_the_one_sharing_its_batch_succeeds(
