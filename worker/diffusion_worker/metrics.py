@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+ENCODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class WorkerMetrics:
@@ -31,6 +32,13 @@ class WorkerMetrics:
             "diffusion_worker_generation_seconds",
             "Time of one pipeline call.",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.encode_seconds = Histogram(
+            "diffusion_worker_encode_seconds",
+            "Time to encode the images of one response or streamed event, on the CPU, by output format.",
+            ["output_format"],
+            buckets=ENCODE_BUCKETS,
             registry=self.registry,
         )
         self.queue_wait_seconds = Histogram(

@@ -248,6 +248,23 @@ def test_models_health_ready_and_metrics(client: openai.OpenAI, worker_url: str)
     assert "diffusion_worker_device_memory_bytes" not in metrics
 
 
+def test_encoding_time_is_counted_per_response_and_format(start_worker: WorkerFactory) -> None:
+    url = start_worker()
+    body = {"prompt": "p", "size": "64x64", "nvext": {"num_inference_steps": 2}}
+    for extra in ({"n": 2, "response_format": "b64_json"}, {"output_format": "jpeg"}):
+        response = httpx.post(f"{url}/v1/images/generations", json={**body, **extra}, timeout=60)
+        assert response.status_code == 200, response.text
+    metrics = httpx.get(f"{url}/metrics").text
+    for output_format in ("png", "jpeg"):
+        assert f'diffusion_worker_encode_seconds_count{{output_format="{output_format}"}} 1.0' in metrics
+        (total,) = [
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith(f'diffusion_worker_encode_seconds_sum{{output_format="{output_format}"}}')
+        ]
+        assert total > 0
+
+
 def test_every_response_carries_a_request_id(worker_url: str) -> None:
     ids = {httpx.get(f"{worker_url}/health").headers["x-request-id"] for _ in range(3)}
     assert len(ids) == 3
