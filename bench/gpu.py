@@ -13,8 +13,9 @@ run stopped at the device's 10-minute limit still leaves everything it measured)
 2. raw eager: `DiffusionPipeline.from_pretrained(dir, dtype=...).to("cuda")`, then one `pipe(...)`
    call per image with `generator=torch.Generator("cpu").manual_seed(seed)`;
 3. worker eager: `python -m diffusion_worker serve` in a subprocess, over HTTP (b64_json): the image
-   for the reference seed (compared with the raw one), then seconds per image at concurrency 1 and
-   images per second at concurrency 8 (--max-batch-size 8);
+   for the reference seed (compared with the raw one), then seconds per image at concurrency 1
+   (split, from the worker's /metrics, into the pipeline call, encoding, and the rest) and images
+   per second at concurrency 8 (--max-batch-size 8);
 4. raw compiled: as 2 with `pipe.unet = torch.compile(pipe.unet)` / `pipe.transformer.compile()`
    and a warm-up call;
 5. worker compiled: as 3 with `serve --compile` (compiled and warmed up before the port opens).
@@ -823,6 +824,31 @@ def batch_histogram(url: str) -> dict[str, float]:
     return {le: float(count) for le, count in buckets}
 
 
+def seconds_sums(text: str) -> dict[str, float]:
+    """The worker's `*_seconds` histogram sums in a /metrics text, over all their labels."""
+    sums: dict[str, float] = {}
+    for name, value in re.findall(r"^diffusion_worker_(\w+)_seconds_sum(?:\{[^}]*\})? (\S+)$", text, re.M):
+        sums[name] = sums.get(name, 0.0) + float(value)
+    return sums
+
+
+def where_time_went(
+    latencies: list[float], before: dict[str, float], after: dict[str, float]
+) -> dict[str, float]:
+    """Mean seconds per single-stream request: in the pipeline call, encoding the PNG (both from
+    the worker's own histograms), and the rest (HTTP, JSON and base64, queueing, hand-offs)."""
+    requests = len(latencies)
+    mean = sum(latencies) / requests
+    pipeline = (after.get("generation", 0.0) - before.get("generation", 0.0)) / requests
+    encode = (after.get("encode", 0.0) - before.get("encode", 0.0)) / requests
+    return {
+        "mean_s_per_image": round(mean, 4),
+        "pipeline_call_s": round(pipeline, 4),
+        "encode_s": round(encode, 4),
+        "other_s": round(mean - pipeline - encode, 4),
+    }
+
+
 def batch_sizes_between(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     """Batches per bucket between two cumulative snapshots."""
     result: dict[str, int] = {}
@@ -858,6 +884,7 @@ def measure_worker(
     image = decode_b64_png(body["data"][0]["b64_json"])
     record.update(image_stats(image))
     latencies: list[float] = []
+    sums_before = seconds_sums(httpx.get(f"{url}/metrics", timeout=30).text)
     for seed in range(1, setting.runs + 1):
         if latencies and not deadline.allows(2 * max(latencies)):
             record["stopped_early"] = "time budget"
@@ -865,7 +892,12 @@ def measure_worker(
         started = time.perf_counter()
         generate(client, url, request_body(setting, seed))
         latencies.append(time.perf_counter() - started)
-    record["single_stream"] = {"s_per_image": summary(latencies)}
+    record["single_stream"] = {
+        "s_per_image": summary(latencies),
+        "where_time_went": where_time_went(
+            latencies, sums_before, seconds_sums(httpx.get(f"{url}/metrics", timeout=30).text)
+        ),
+    }
     estimate = statistics.median(latencies) * (CONCURRENCY + setting.concurrent_requests)
     if not deadline.allows(estimate):
         record["concurrency_8"] = {"skipped": f"time budget (needs about {estimate:.0f} s)"}

@@ -39,5 +39,7 @@ def test_rehearsal_writes_a_result_where_the_worker_image_equals_the_raw_image(t
     assert record["correctness"]["worker_eager_vs_raw_eager"]["max_abs_diff"] == 0
     worker = record["phases"]["worker_eager"]
     assert worker["single_stream"]["s_per_image"]["median"] > 0
+    split = worker["single_stream"]["where_time_went"]
+    assert split["pipeline_call_s"] > 0 and split["encode_s"] > 0 and split["other_s"] > 0, split
     assert worker["concurrency_8"]["images_per_s"] > 0
     assert record["png_encode"]["worker_ms"] > 0 and record["png_encode"]["worker_threads"] >= 1

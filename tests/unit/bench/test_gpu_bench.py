@@ -128,3 +128,21 @@ def test_a_missing_worker_image_is_listed_as_not_checked() -> None:
     checks = gpu.check_correctness({"raw_eager": image, "worker_eager": None}, phases, 2)
     assert checks["not_checked"] == ["worker_eager_vs_raw_eager"]
     assert checks["passed"]  # the checks that could run passed; the gap is listed, not hidden
+
+
+def test_where_time_went_splits_mean_latency_by_the_workers_histograms() -> None:
+    before = gpu.seconds_sums(
+        "diffusion_worker_generation_seconds_sum 1.0\n"
+        'diffusion_worker_encode_seconds_sum{output_format="png"} 0.1\n'
+        'diffusion_worker_encode_seconds_sum{output_format="jpeg"} 0.05\n'
+        "diffusion_worker_generation_seconds_count 3.0\n"
+    )
+    assert before == {"generation": 1.0, "encode": pytest.approx(0.15)}
+    after = {"generation": 3.0, "encode": 0.25}
+    split = gpu.where_time_went([1.1, 1.2], before, after)
+    assert split == {
+        "mean_s_per_image": 1.15,
+        "pipeline_call_s": 1.0,
+        "encode_s": 0.05,
+        "other_s": 0.1,
+    }
