@@ -15,7 +15,6 @@ only on the image's size, so the same pixels give the same bytes however many th
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -103,7 +102,7 @@ def _deflate_strip(
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", isal_zlib.crc32(kind + data))
 
 
 def _as_rows(pixels: np.ndarray) -> tuple[np.ndarray, int]:
