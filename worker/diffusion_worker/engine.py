@@ -16,6 +16,7 @@ from diffusion_worker.model_source import ModelSourceError, model_defaults, reso
 from diffusion_worker.previews import CleanLatentTap, PreviewPlan, decode_latents
 from diffusion_worker.protocol import parse_size
 from diffusion_worker.settings import WorkerSettings
+from diffusion_worker.vae_decode import decode_one_at_a_time_when_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class DiffusersEngine:
             ) from exc
         pipeline.to(device)
         apply_pipeline_options(pipeline, settings)
+        decode_one_at_a_time_when_out_of_memory(pipeline)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
         return cls(pipeline, device, defaults)

@@ -162,6 +162,41 @@ def test_a_learned_limit_lapses_and_the_full_batch_is_tried_again(
     assert "trying batches of 4 64x64 images again" in caplog.text
 
 
+def test_a_batch_whose_decode_runs_out_is_decoded_image_by_image_without_redoing_its_steps(
+    start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The VAE's own batched decode (`vae._decode`, under diffusers' slicing) runs out of memory
+    for more than one image: the stand-in raises torch.OutOfMemoryError there."""
+    import torch
+
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=False), max_batch_size=4)
+    body = {"prompt": "p", "n": 4, "response_format": "b64_json", "nvext": {"seed": 7}}
+    whole = post(url, body)
+    vae = real_engine(engines).pipeline.vae
+    real_decode = vae._decode
+    decoded: list[int] = []
+
+    def decode_running_out_above_one_image(latents: Any, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(latents.shape[0])
+        if latents.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real_decode(latents, *args, **kwargs)
+
+    vae._decode = decode_running_out_above_one_image
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    assert decoded == [4, 1, 1, 1, 1]
+    assert [len(batch) for batch in engines[0].batches] == [4, 4], "one pipeline call, not split"
+    assert engines[0].steps_run[1] == engines[0].steps_run[0], "the denoising steps ran once"
+    assert metric(url, "diffusion_worker_out_of_memory_splits_total 0.0")
+    assert "decoding one image at a time from now on" in caplog.text
+    for image, reference in zip(response.json()["data"], whole.json()["data"], strict=True):
+        assert np.abs(pixels(image["b64_json"]) - pixels(reference["b64_json"])).max() <= 1
+    assert post(url, body).status_code == 200
+    assert decoded[5:] == [1, 1, 1, 1], "slicing stays on: no failed decode the next time"
+
+
 def test_only_the_request_whose_image_does_not_fit_fails_the_one_sharing_its_batch_succeeds(
     start_worker: WorkerFactory,
 ) -> None:
