@@ -3,8 +3,8 @@ capped between what a batch of 2 and a batch of 4 need. Opt-in (`-m gpu`); skipp
 
 The CPU tests raise `torch.cuda.OutOfMemoryError` themselves (tests/integration/worker/
 test_out_of_memory.py); this one lets the allocator raise it, checks that the scheduler's split
-makes the same images as an unconstrained batch, and that the memory of the failed call is
-returned to the device.
+(or, where the VAE decode is what runs out, decoding image by image) makes the same images as an
+unconstrained batch, and that the memory of the failed call is returned to the device.
 
     .venv/bin/python -m pytest -m gpu tests/gpu
 """
@@ -97,8 +97,9 @@ def test_a_batch_too_big_for_the_card_is_split_and_its_memory_returns(tiny_model
         }
         assert 0 < (memory["allocated"] or 0) <= (memory["reserved"] or 0), memory
         assert (memory["peak_allocated"] or 0) >= (memory["allocated"] or 0), memory
-        splits = metrics.registry.get_sample_value("diffusion_worker_out_of_memory_splits_total")
-        assert splits is not None and splits >= 1, "the batch of 4 fitted: nothing was tested"
+        splits = metrics.registry.get_sample_value("diffusion_worker_out_of_memory_splits_total") or 0
+        sliced = bool(engine.pipeline.vae.use_slicing)
+        assert splits >= 1 or sliced, "the batch of 4 fitted: nothing was tested"
         for made, reference in zip(images, expected, strict=True):
             assert np.abs(np.asarray(made, dtype=np.int16) - reference).max() <= 2
         torch.cuda.empty_cache()
