@@ -84,3 +84,13 @@ def test_usable_cpus_follow_the_cgroup_cpu_limit(
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
     assert usable_cpus(tmp_path) == (affinity if limit is None else min(affinity, limit))
+
+
+def test_webp_at_compression_100_is_lossless_and_below_is_not() -> None:
+    rng = np.random.default_rng(1)
+    pixels = np.cumsum(rng.integers(0, 8, (32, 32, 3)), axis=1).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    lossless = np.asarray(Image.open(io.BytesIO(encode_image(image, "webp", 100))).convert("RGB"))
+    assert np.array_equal(lossless, pixels)
+    lossy = np.asarray(Image.open(io.BytesIO(encode_image(image, "webp", 90))).convert("RGB"))
+    assert not np.array_equal(lossy, pixels)
