@@ -7,7 +7,8 @@ one machine, for 512x512 and 1024x1024 RGB images of two kinds:
   compresses about 1.3:1;
 - `noise`: uniform random pixels, the worst case: nothing to compress, every filter equally bad.
 Reports the median time per image and the file size of each, and the speedup over Pillow. Every
-file is decoded back and compared with its pixels first. Never part of `make test`.
+file is decoded back and compared with its pixels first. Then, for the natural images, what each
+output format and compression costs on one thread (`formats_one_thread`). Never part of `make test`.
 
     python bench/encoding.py                # writes bench/results/encoding-<machine>-<date>.json
     python bench/encoding.py --threads 1 4  # thread counts to measure (default: 1 and all CPUs)
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from diffusion_worker.encoding import ImageEncoder, usable_cpus
+from diffusion_worker.encoding import ImageEncoder, encode_image, usable_cpus
 from diffusion_worker.png import DEFAULT_LEVEL
 
 SIZES = (512, 1024)
@@ -104,6 +105,21 @@ def measure(pixels: np.ndarray, thread_counts: list[int], repeats: int) -> dict[
     return row
 
 
+FORMATS = (("png", None), ("jpeg", 100), ("jpeg", 90), ("webp", 100), ("webp", 90))
+
+
+def other_formats(pixels: np.ndarray, repeats: int) -> dict[str, Any]:
+    """Each output format and compression as the worker encodes one image (`encode_image`, one
+    thread: PNG's strips in turn, JPEG and WEBP through Pillow)."""
+    image = Image.fromarray(pixels)
+    row: dict[str, Any] = {}
+    for output_format, compression in FORMATS:
+        times, blob = timed(partial(encode_image, image, output_format, compression), repeats)
+        name = output_format if compression is None else f"{output_format}-{compression}"
+        row[name] = {"median_ms": round(statistics.median(times) * 1000, 2), "bytes": len(blob)}
+    return row
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -145,14 +161,20 @@ def main() -> int:
             name = f"{size}x{size}-{kind}"
             results[name] = measure(make(size), thread_counts, args.repeats)
             print(name, json.dumps(results[name]))
+    formats = {}
+    for size in SIZES:
+        name = f"{size}x{size}-natural"
+        formats[name] = other_formats(natural_image(size), max(3, args.repeats // 3))
+        print(name, json.dumps(formats[name]))
     now = dt.datetime.now(dt.UTC)
     report = {
         "benchmark": "png-encoding",
         "date": now.isoformat(timespec="seconds"),
         "machine": machine(),
         "versions": versions(),
-        "settings": {"zlib_level": DEFAULT_LEVEL, "repeats": args.repeats, "threads": thread_counts},
+        "settings": {"isal_level": DEFAULT_LEVEL, "repeats": args.repeats, "threads": thread_counts},
         "results": results,
+        "formats_one_thread": formats,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"encoding-cpu{cpus}-{now.date()}.json"
