@@ -219,8 +219,8 @@ class ImageGenerationService:
         images = await self._wait(self._submit(batch, request_id))
         output_format = request.output_format or "png"
         response_format = request.response_format or "url"
-        # Encoding, and base64 (7 ms for a 1024x1024 PNG), run in a thread: the PNG writer releases
-        # the GIL; base64 holds it per image, so the event loop gets a turn between images.
+        # Encoding, and base64 (7 ms for a 1024x1024 PNG), run in a thread: the PNG writer's numpy
+        # and ISA-L work releases the GIL; base64 holds it per image, so the loop gets a turn between.
         if response_format == "b64_json":
             texts = await asyncio.to_thread(
                 self._encode_b64, images, output_format, request.output_compression
