@@ -32,7 +32,7 @@ def run_operator(
     from diffusion_operator.handlers import build_registry
 
     kopf.run(
-        registry=build_registry(config),
+        registry=build_registry(),
         standalone=True,
         clusterwide=config.clusterwide,
         namespaces=config.namespaces,

@@ -2,12 +2,19 @@
 # mypy: disable-error-code="untyped-decorator"
 """kopf handler registrations only: each one is thin and delegates to reconcile_service.
 
-`build_registry(config)` registers the handlers in a fresh kopf registry, so the resync interval
-comes from the operator's configuration and each run (or test) gets its own handlers.
+`build_registry()` registers the handlers in a fresh kopf registry, so each run (or test) gets its
+own handlers; the operator's configuration travels in kopf's memo (`memo.config`).
+
+No handler needs a finalizer, so kopf puts none on the services (and removes the one an older
+operator left): a service whose operator is gone, as in `helm uninstall` of a release that holds
+both (Helm deletes the operator's Deployment and RBAC before custom resources), is still deleted
+and its children garbage-collected. The periodic resync is therefore not a kopf timer (timers
+require a finalizer) but one loop started with the operator, walking an index of the services.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -18,10 +25,10 @@ from typing import Any
 import kopf
 
 from diffusion_operator import constants as c
-from diffusion_operator.config import OperatorConfig
 from diffusion_operator.kube import ApiError, KubeApi, load_api_client
 from diffusion_operator.reconcile import Outcome, reconcile_service
 
+LOGGER = logging.getLogger(__name__)
 CHILD_FILTER = {c.LABEL_MANAGED_BY: c.OPERATOR_NAME}
 # Watched for the services' sake: the children, and the worker pods (not children, but their state
 # is the service's; see pods.py). Label-selected on the server, so the operator never streams the
@@ -48,13 +55,44 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.request_timeout = 60
     if getattr(memo, "api", None) is None:
         memo.api = KubeApi(load_api_client())
-    # One pass at a time per service, whichever trigger (handler, timer, child event) started it.
+    # One pass at a time per service, whichever trigger (handler, resync, child event) started it.
     memo.locks = collections.defaultdict(threading.Lock)
     memo.locks_guard = threading.Lock()
 
 
-def close_client(memo: kopf.Memo, **_: Any) -> None:
-    """Release the API client's connections."""
+def services(namespace: str, name: str, **_: Any) -> dict[tuple[str, str], None]:
+    """kopf index of the services this operator watches, by (namespace, name), for the resync."""
+    return {(namespace, name): None}
+
+
+async def start_resync(memo: kopf.Memo, services: kopf.Index[tuple[str, str], None], **_: Any) -> None:
+    """Start the resync loop; kopf hands startup handlers the (still filling) services index."""
+    memo.resync_task = asyncio.create_task(_resync_forever(memo, services, memo.config.resync_seconds))
+
+
+async def _resync_forever(
+    memo: kopf.Memo, services: kopf.Index[tuple[str, str], None], interval: float
+) -> None:
+    """Every `interval` seconds, one pass per indexed service (one at a time: gentle on the API
+    server). A failing pass is logged and the loop goes on; the next round retries it."""
+    while True:
+        await asyncio.sleep(interval)
+        for namespace, name in list(services):
+            try:
+                await asyncio.to_thread(_pass_on_fresh_owner, memo, namespace, name)
+            except (ApiError, kopf.TemporaryError) as exc:
+                LOGGER.warning("resync of %s/%s failed, next round retries: %s", namespace, name, exc)
+            except Exception:  # the loop must outlive any one service's bug
+                LOGGER.exception("resync of %s/%s failed, next round retries", namespace, name)
+
+
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    """Stop the resync loop and release the API client's connections."""
+    task: asyncio.Task[None] | None = getattr(memo, "resync_task", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     if getattr(memo, "api", None) is not None:
         memo.api.close()
 
@@ -88,10 +126,9 @@ def _pass(memo: kopf.Memo, body: Mapping[str, Any]) -> Outcome:
 def _pass_on_fresh_owner(memo: kopf.Memo, namespace: str, name: str) -> None:
     """Re-read the service, run a pass and write its status through our own client.
 
-    Used where kopf's copy of the service may be stale (timer) or is not the service at all
-    (child events). A failed write raises TemporaryError like any other API error, so kopf retries
-    the handler; had the status gone through kopf's `patch`, kopf itself would write it after the
-    handler returned, and a failure there ends a timer for good.
+    Used where there is no copy of the service (resync) or kopf's is not the service at all (child
+    events). A failed write raises TemporaryError like any other API error; the caller logs it and
+    the next event or resync round tries again.
     """
     with _transient_errors_retried():
         owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
@@ -109,11 +146,6 @@ def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> 
     patch.status.update(outcome.status_delta)
     if outcome.invalid:
         raise kopf.PermanentError(outcome.invalid)
-
-
-def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    """Safety net for missed watch events: the same pass, which writes nothing when nothing changed."""
-    _pass_on_fresh_owner(memo, namespace, name)
 
 
 def child_changed(
@@ -135,23 +167,17 @@ def child_changed(
         logger.warning("could not reconcile %s/%s after a child change: %s", namespace, name, exc)
 
 
-def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
-    """A kopf registry holding every handler, the resync timer at `config.resync_seconds`."""
+def build_registry() -> kopf.OperatorRegistry:
+    """A kopf registry holding every handler (the resync interval comes from `memo.config`)."""
     registry = kopf.OperatorRegistry()
     # A fresh registry has none of kopf's default login handlers; we log in as our own client does.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.on.startup(registry=registry)(configure)
-    kopf.on.cleanup(registry=registry)(close_client)
+    kopf.on.startup(registry=registry)(start_resync)
+    kopf.on.cleanup(registry=registry)(stop)
+    kopf.index(c.GROUP, c.VERSION, c.PLURAL, registry=registry)(services)
     for decorator in (kopf.on.resume, kopf.on.create, kopf.on.update):
         decorator(c.GROUP, c.VERSION, c.PLURAL, registry=registry)(reconcile)
-    kopf.timer(
-        c.GROUP,
-        c.VERSION,
-        c.PLURAL,
-        interval=config.resync_seconds,
-        initial_delay=config.resync_seconds,
-        registry=registry,
-    )(resync)
     for group, version, plural in WATCHED:
         kopf.on.event(group, version, plural, labels=CHILD_FILTER, registry=registry)(child_changed)
     return registry

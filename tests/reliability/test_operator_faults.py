@@ -184,9 +184,9 @@ def test_operator_restarted_mid_reconcile_converges_without_duplicates_or_orphan
 def test_resync_repairs_a_stale_status_even_after_its_own_status_write_failed(
     cluster: EmulatorThread,
 ) -> None:
-    """Nothing but the resync timer notices a status edited behind the operator's back (a status
-    change is not a spec change and no child changed). Its first two status writes are answered 409;
-    kopf does not retry a 409 itself, so the timer must retry its own handler instead of dying."""
+    """Nothing but the resync notices a status edited behind the operator's back (a status change
+    is not a spec change and no child changed). Its first two status writes are answered 409; the
+    resync must go on to later rounds instead of giving up on the service."""
     kubectl = Kubectl(cluster, "resync-" + uuid.uuid4().hex[:6])
     failures_left = 2
 
@@ -210,7 +210,7 @@ def test_resync_repairs_a_stale_status_even_after_its_own_status_write_failed(
         response = kubectl.client.merge_patch(kubectl.ids_path("svc") + "/status", {"status": stale})
         assert response.status_code == 200, response.text
         wait_for(
-            "the timer to restore the status",
+            "the resync to restore the status",
             lambda: (kubectl.service("svc") or {}).get("status", {}).get("readyReplicas") == 1,
             timeout=30,
             explain=lambda: snapshot(kubectl, "svc"),

@@ -205,6 +205,35 @@ def test_operator_restart_resumes_without_writes(
     operator.start()  # later tests in this module keep an operator
 
 
+def test_services_carry_no_finalizer_so_they_delete_without_the_operator(
+    cluster: EmulatorThread, operator: OperatorThread, namespace: str
+) -> None:
+    """`helm uninstall` of a release holding the operator and services deletes the operator first
+    (Helm deletes unknown kinds last): a finalizer would leave the services Terminating and their
+    GPU Deployments running. The service starts with the finalizer an older operator (kopf timer)
+    put there, so this also checks that an upgraded operator takes it off."""
+    kubectl = Kubectl(cluster, namespace)
+    legacy = tiny("legacy")
+    legacy["metadata"]["finalizers"] = [c.FINALIZER]
+    kubectl.apply(legacy)
+    wait_for("the Deployment", lambda: kubectl.child("deployments", "legacy"))
+
+    def finalizers() -> list[str]:
+        service = kubectl.service("legacy")
+        assert service is not None
+        return list(service["metadata"].get("finalizers") or [])
+
+    wait_for("the old finalizer to go", lambda: finalizers() == [])
+    operator.stop()
+    try:
+        assert kubectl.client.delete(kubectl.ids_path("legacy")).status_code == 200
+        wait_for("the service and its children to go", lambda: kubectl.service("legacy") is None
+                 and kubectl.child("deployments", "legacy") is None)  # fmt: skip
+    finally:
+        operator.__init__()  # type: ignore[misc]
+        operator.start()  # later tests in this module keep an operator
+
+
 def test_a_crash_looping_worker_pod_puts_its_last_log_line_in_the_ready_condition(
     kubectl: Kubectl, cluster: EmulatorThread
 ) -> None:
