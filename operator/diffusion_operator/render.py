@@ -112,7 +112,8 @@ def worker_args(spec: ServiceSpec) -> list[str]:
 
 
 def worker_env(spec: ServiceSpec) -> list[dict[str, Any]]:
-    """Container env: writable cache dirs, Secret references (never their contents), then spec.pod.env."""
+    """Container env: writable cache dirs, Secret references (never their contents), then spec.pod.env
+    (whose entries win over the operator's of the same name)."""
     env: list[dict[str, Any]] = [
         # The root filesystem is read-only: libraries that write under $HOME or ~/.cache write to /tmp.
         {"name": "HOME", "value": c.TMP_MOUNT},
@@ -137,8 +138,11 @@ def worker_env(spec: ServiceSpec) -> list[dict[str, Any]]:
                 },
             }
         )
-    env += [copy.deepcopy(dict(item)) for item in spec.pod.env]
-    return env
+    # spec.pod.env replaces an entry of the same name (an env list with a name twice is rejected by
+    # server-side apply, which would fail every pass); new names go last, in the spec's order.
+    overrides = {item["name"]: copy.deepcopy(dict(item)) for item in spec.pod.env}
+    merged = [overrides.pop(item["name"], item) for item in env]
+    return merged + list(overrides.values())
 
 
 def worker_resources(spec: ServiceSpec) -> dict[str, Any]:
@@ -217,8 +221,15 @@ def render_pod_template(spec: ServiceSpec, meta: Meta, image: str) -> dict[str, 
         "volumes": volumes,
         "terminationGracePeriodSeconds": c.TERMINATION_GRACE_SECONDS,
         "enableServiceLinks": False,
-        # Lets a non-root worker write the model-cache volume whatever its uid.
-        "securityContext": {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"},
+        # The Pod Security Standards' `restricted` profile (with the container's own settings), so
+        # the pods start in namespaces that enforce it; fsGroup lets a non-root worker write the
+        # model-cache volume whatever its uid.
+        "securityContext": {
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+            "fsGroup": 1000,
+            "fsGroupChangePolicy": "OnRootMismatch",
+        },
     }
     if spec.pod.node_selector:
         pod_spec["nodeSelector"] = dict(spec.pod.node_selector)

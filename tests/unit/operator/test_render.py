@@ -170,6 +170,64 @@ def test_secret_references_become_env_value_from_and_env_from() -> None:
     assert "value" not in env["DIFFUSION_WORKER_API_KEY"]
 
 
+def test_pod_env_replaces_an_operator_variable_of_the_same_name_and_appends_the_rest() -> None:
+    """A name twice in a container's env makes server-side apply reject the Deployment, which would
+    fail every pass; the user's entry wins, in the operator's entry's place."""
+    pod = {"env": [{"name": "EXTRA", "value": "1"}, {"name": "HF_HOME", "value": "/models/hub"}]}
+    env = container(render_deployment(spec_of(pod=pod), META))["env"]
+    names = [item["name"] for item in env]
+    assert names == ["HOME", "XDG_CACHE_HOME", "HF_HOME", "EXTRA"]
+    assert env[2] == {"name": "HF_HOME", "value": "/models/hub"}
+
+
+def _restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """The Pod Security Standards' `restricted` checks (kubernetes.io/docs/concepts/security/
+    pod-security-standards, v1.31) that a pod template can fail, as messages."""
+    problems = []
+    pod_context = pod.get("securityContext") or {}
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}  # fmt: skip
+    for volume in pod.get("volumes") or ():
+        kinds = set(volume) - {"name"}
+        if not kinds <= allowed_volumes:
+            problems.append(f"volume {volume['name']} of type {kinds - allowed_volumes}")
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            problems.append(key)
+    for item in pod["containers"] + (pod.get("initContainers") or []):
+        context = item.get("securityContext") or {}
+        name = item["name"]
+        if context.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation not false")
+        capabilities = context.get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or ()):
+            problems.append(f"{name}: capabilities do not drop ALL")
+        if set(capabilities.get("add") or ()) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities")
+        if not context.get("runAsNonRoot", pod_context.get("runAsNonRoot")):
+            problems.append(f"{name}: runAsNonRoot not true")
+        if context.get("runAsUser", pod_context.get("runAsUser")) == 0:
+            problems.append(f"{name}: runAsUser 0")
+        seccomp = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile {seccomp}")
+        if any(port.get("hostPort") for port in item.get("ports") or ()):
+            problems.append(f"{name}: hostPort")
+    return problems
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_worker_pods_meet_the_restricted_pod_security_standard(path: Any) -> None:
+    """Namespaces that enforce `restricted` reject non-compliant pods at the ReplicaSet, where
+    nothing but the Deployment's ReplicaFailure condition says so."""
+    spec = parse_spec(apply_defaults(load_schema(), load_sample(path))["spec"])
+    pod = render_deployment(spec, META)["spec"]["template"]["spec"]
+    assert _restricted_violations(pod) == []
+    assert _restricted_violations({**pod, "securityContext": {}})  # the checker can fail
+
+
 def test_pod_settings_pass_through() -> None:
     pod = {
         "nodeSelector": {"gpu": "h100"},
