@@ -7,6 +7,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from kubernetes.utils import parse_quantity
+
 from diffusion_operator import constants as c
 from diffusion_operator.kube import ApiError, KubeApi
 from diffusion_operator.render import Manifest, model_cache_name, render_children, selector_string
@@ -57,17 +59,33 @@ def meta_from_body(body: Mapping[str, Any]) -> Meta:
     )
 
 
-def is_subset(want: Any, have: Any) -> bool:
-    """Whether every field of `want` is present and equal in `have` (the server may add defaults)."""
+# Maps whose values are resource quantities, which the API server stores in canonical form
+# (`1000m` -> `1`, `1.5Gi` -> `1536Mi`): a container's and a PVC's `requests` and `limits`.
+QUANTITY_MAPS = frozenset({"requests", "limits"})
+
+
+def _same_quantity(want: Any, have: Any) -> bool:
+    try:
+        return bool(parse_quantity(want) == parse_quantity(have))
+    except (TypeError, ValueError):
+        return False
+
+
+def is_subset(want: Any, have: Any, *, quantities: bool = False) -> bool:
+    """Whether every field of `want` is present and equal in `have` (the server may add defaults;
+    values of QUANTITY_MAPS compare by amount, or every pass would re-apply a spec written `1000m`)."""
     if isinstance(want, Mapping):
-        return isinstance(have, Mapping) and all(k in have and is_subset(v, have[k]) for k, v in want.items())
+        return isinstance(have, Mapping) and all(
+            k in have and is_subset(v, have[k], quantities=quantities or k in QUANTITY_MAPS)
+            for k, v in want.items()
+        )
     if isinstance(want, list):
         return (
             isinstance(have, list)
             and len(want) == len(have)
             and all(is_subset(w, h) for w, h in zip(want, have, strict=True))
         )
-    return bool(want == have)
+    return bool(want == have) or (quantities and _same_quantity(want, have))
 
 
 def needs_apply(desired: Manifest, live: Mapping[str, Any] | None) -> bool:
@@ -120,26 +138,42 @@ def _observe(api: KubeApi, meta: Meta) -> Observed:
     )
 
 
-def apply_children(api: KubeApi, children: list[Manifest]) -> tuple[dict[str, dict[str, Any]], list[Event]]:
-    """Apply the children that need it; return each child as the server now has it, and what changed.
+@dataclasses.dataclass
+class Applied:
+    """What apply_children did: each child as the server now has it (absent: never created), the
+    Events to post, and the server's rejection of each child it refused."""
 
-    A transient API error propagates (the caller retries); a rejection (4xx) becomes ApiError too.
+    lives: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    events: list[Event] = dataclasses.field(default_factory=list)
+    rejected: list[str] = dataclasses.field(default_factory=list)
+
+
+def apply_children(api: KubeApi, children: list[Manifest]) -> Applied:
+    """Apply the children that need it, each on its own: a child the server rejects (a PVC shrink,
+    say) does not hold back the others (an image or replicas change in the same commit).
+
+    A transient API error propagates (the caller retries the pass).
     """
-    lives: dict[str, dict[str, Any]] = {}
-    events: list[Event] = []
+    result = Applied()
     for child in children:
         kind, meta = child["kind"], child["metadata"]
         live = api.get(child["apiVersion"], kind, meta["namespace"], meta["name"])
         if needs_apply(child, live):
-            applied = api.apply(child)
-            verb = "Created" if live is None else "Updated"
-            reason = c.REASON_CREATED if live is None else c.REASON_UPDATED
-            logger.info("%s %s %s/%s", verb, kind, meta["namespace"], meta["name"])
-            events.append(Event("Normal", reason, f"{verb} {kind} {meta['name']}"))
-            live = applied
-        assert live is not None
-        lives[kind] = live
-    return lives, events
+            try:
+                applied = api.apply(child)
+            except ApiError as exc:
+                if exc.transient:
+                    raise
+                result.rejected.append(f"{kind} {meta['name']}: {exc.message}")
+            else:
+                verb = "Created" if live is None else "Updated"
+                reason = c.REASON_CREATED if live is None else c.REASON_UPDATED
+                logger.info("%s %s %s/%s", verb, kind, meta["namespace"], meta["name"])
+                result.events.append(Event("Normal", reason, f"{verb} {kind} {meta['name']}"))
+                live = applied
+        if live is not None:
+            result.lives[kind] = live
+    return result
 
 
 def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str) -> Outcome:
@@ -161,25 +195,21 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
         )
         return Outcome(status_delta(previous, status), events, invalid=message)
 
-    try:
-        lives, events = apply_children(api, render_children(spec, meta, default_image))
-    except ApiError as exc:
-        if exc.transient:
-            raise
+    applied = apply_children(api, render_children(spec, meta, default_image))
+    lives, events = applied.lives, applied.events
+    if applied.rejected:
         # The server rejected a child (e.g. a PVC shrink): it will not fix itself.
-        message = f"the API server rejected a child: {exc.message}"
+        message = "the API server rejected " + "; ".join(applied.rejected)
         verdict = Verdict(
             ready=(False, c.REASON_APPLY_FAILED, message),
             reconciling=(False, c.REASON_APPLY_FAILED, message),
             stalled=(True, c.REASON_APPLY_FAILED, message),
         )
-        status = build_status(meta, verdict, previous, spec=spec, observed=_observe(api, meta), now=now)
-        failed = (
-            []
-            if _stalled_with(body, c.REASON_APPLY_FAILED, message)
-            else [Event("Warning", c.REASON_APPLY_FAILED, message)]
-        )
-        return Outcome(status_delta(previous, status), failed)
+        seen = Observed(deployment=lives.get("Deployment"), model_cache=lives.get("PersistentVolumeClaim"))
+        status = build_status(meta, verdict, previous, spec=spec, observed=seen, now=now)
+        if not _stalled_with(body, c.REASON_APPLY_FAILED, message):
+            events.append(Event("Warning", c.REASON_APPLY_FAILED, message))
+        return Outcome(status_delta(previous, status), events)
 
     deployment = lives.get("Deployment")
     observed = Observed(

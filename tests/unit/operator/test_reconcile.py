@@ -21,10 +21,11 @@ from diffusion_operator.spec import Meta, parse_spec
 class FakeApi:
     """Stores applied objects, adds server-side defaults, counts writes."""
 
-    def __init__(self, fail_apply: ApiError | None = None) -> None:
+    def __init__(self, fail_apply: ApiError | None = None, fail_kinds: frozenset[str] | None = None) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.applies: list[str] = []
         self.fail_apply = fail_apply
+        self.fail_kinds = fail_kinds  # None: every kind fails with fail_apply
         self.fail_list: ApiError | None = None
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -43,7 +44,7 @@ class FakeApi:
         ]
 
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        if self.fail_apply is not None:
+        if self.fail_apply is not None and (self.fail_kinds is None or manifest["kind"] in self.fail_kinds):
             raise self.fail_apply
         meta = manifest["metadata"]
         stored = copy.deepcopy(manifest)
@@ -67,6 +68,32 @@ def test_subset_tolerates_server_added_fields_but_not_changed_ones() -> None:
     assert is_subset(want, {"spec": {"containers": [{"name": "w", "image": "a", "imagePullPolicy": "X"}]}})
     assert not is_subset(want, {"spec": {"containers": [{"name": "w", "image": "b"}]}})
     assert not is_subset(want, {"spec": {"containers": []}})
+
+
+def test_quantities_the_server_stored_in_canonical_form_need_no_apply() -> None:
+    """The API server stores `1000m` as `1` and `1.5Gi` as `1536Mi`; comparing the strings would
+    re-apply the Deployment and PVC (and post an Updated event) on every pass."""
+    spec = SPEC | {
+        "resources": {
+            "gpus": 0,
+            "requests": {"cpu": "1000m", "memory": "1.5Gi"},
+            "limits": {"memory": "2048Mi"},
+        },
+        "modelCache": {"size": "1024Gi"},
+    }
+    pvc, deployment = render_children(parse_spec(spec), Meta("svc", "ns", "u1"))[:2]
+    live = copy.deepcopy(deployment)
+    resources = live["spec"]["template"]["spec"]["containers"][0]["resources"]
+    resources["requests"] = {"cpu": "1", "memory": "1536Mi"}
+    resources["limits"] = {"memory": "2Gi"}
+    live_pvc = copy.deepcopy(pvc)
+    live_pvc["spec"]["resources"]["requests"]["storage"] = "1Ti"
+    assert not needs_apply(deployment, live)
+    assert not needs_apply(pvc, live_pvc)
+    resources["requests"]["cpu"] = "2"  # a real change still shows
+    assert needs_apply(deployment, live)
+    # Only quantity maps compare by amount: an env value "1.0" edited to "1" is drift.
+    assert not is_subset({"env": [{"name": "X", "value": "1.0"}]}, {"env": [{"name": "X", "value": "1"}]})
 
 
 def test_needs_apply_when_missing_rerendered_or_edited_by_hand() -> None:
@@ -126,6 +153,24 @@ def test_rejected_child_is_stalled_apply_failed() -> None:
     stalled = next(x for x in outcome.status_delta["conditions"] if x["type"] == "Stalled")
     assert (stalled["status"], stalled["reason"]) == ("True", c.REASON_APPLY_FAILED)
     assert [e.reason for e in outcome.events] == [c.REASON_APPLY_FAILED]
+
+
+def test_a_rejected_pvc_change_does_not_hold_back_the_deployment() -> None:
+    """A PVC shrink and an image change in one commit: the image still rolls out, and the status
+    names the PVC's rejection."""
+    api = FakeApi()
+    first = reconcile_service(api, body(SPEC), "worker:1")  # type: ignore[arg-type]
+    api.fail_apply = ApiError(422, "spec.resources.requests.storage: field can not be less than previous")
+    api.fail_kinds = frozenset({"PersistentVolumeClaim"})
+    changed = SPEC | {"image": "worker:2", "modelCache": {"size": "1Gi"}}
+    outcome = reconcile_service(api, body(changed, first.status_delta), "worker:1")  # type: ignore[arg-type]
+    deployment = api.get("apps/v1", "Deployment", "ns", "svc")
+    assert deployment is not None
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "worker:2"
+    stalled = next(x for x in outcome.status_delta["conditions"] if x["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", c.REASON_APPLY_FAILED)
+    assert stalled["message"].startswith("the API server rejected PersistentVolumeClaim svc-model-cache: ")
+    assert [e.reason for e in outcome.events] == [c.REASON_UPDATED, c.REASON_APPLY_FAILED]
 
 
 def test_a_pass_reads_the_worker_pods_of_its_own_service_into_the_ready_condition() -> None:
