@@ -19,16 +19,17 @@ import collections
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kopf
 
 from diffusion_operator import constants as c
 from diffusion_operator.kube import ApiError, KubeApi, load_api_client
-from diffusion_operator.reconcile import Outcome, reconcile_service
+from diffusion_operator.reconcile import Event, Outcome, reconcile_service
 
 LOGGER = logging.getLogger(__name__)
+EventPoster = Callable[[kopf.Memo, Mapping[str, Any], Event], None]
 CHILD_FILTER = {c.LABEL_MANAGED_BY: c.OPERATOR_NAME}
 # Watched for the services' sake: the children, and the worker pods (not children, but their state
 # is the service's; see pods.py). Label-selected on the server, so the operator never streams the
@@ -49,6 +50,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix=c.KOPF_PREFIX, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = c.OPERATOR_NAME  # `kubectl describe`'s "From", as resync's
     settings.watching.server_timeout = 600
     for group, version, plural in WATCHED:
         settings.watching.label_selectors[group, version, plural] = f"{c.LABEL_MANAGED_BY}={c.OPERATOR_NAME}"
@@ -79,7 +81,7 @@ async def _resync_forever(
         await asyncio.sleep(interval)
         for namespace, name in list(services):
             try:
-                await asyncio.to_thread(_pass_on_fresh_owner, memo, namespace, name)
+                await asyncio.to_thread(_pass_on_fresh_owner, memo, namespace, name, post_through_own_client)
             except (ApiError, kopf.TemporaryError) as exc:
                 LOGGER.warning("resync of %s/%s failed, next round retries: %s", namespace, name, exc)
             except Exception:  # the loop must outlive any one service's bug
@@ -114,16 +116,33 @@ def _transient_errors_retried() -> Iterator[None]:
         raise
 
 
-def _pass(memo: kopf.Memo, body: Mapping[str, Any]) -> Outcome:
+def post_through_kopf(memo: kopf.Memo, body: Mapping[str, Any], event: Event) -> None:
+    """Post through kopf's queue (retried with backoff): only inside a kopf handler, where kopf has
+    set up its poster for the object being handled."""
+    kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def post_through_own_client(memo: kopf.Memo, body: Mapping[str, Any], event: Event) -> None:
+    """Post with the operator's own client, once: for the resync loop, which runs outside every kopf
+    handler, so kopf.event has no poster there. A lost Event is logged; the status holds the truth."""
+    try:
+        memo.api.post_event(body, event.type, event.reason, event.message)
+    except ApiError as exc:
+        LOGGER.warning("could not post the %s event of %s: %s", event.reason, body["metadata"]["name"], exc)
+
+
+def _pass(memo: kopf.Memo, body: Mapping[str, Any], post: EventPoster = post_through_kopf) -> Outcome:
     metadata = body["metadata"]
     with _transient_errors_retried(), _lock(memo, metadata["namespace"], metadata["name"]):
         outcome = reconcile_service(memo.api, body, memo.config.worker_image)
     for event in outcome.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        post(memo, body, event)
     return outcome
 
 
-def _pass_on_fresh_owner(memo: kopf.Memo, namespace: str, name: str) -> None:
+def _pass_on_fresh_owner(
+    memo: kopf.Memo, namespace: str, name: str, post: EventPoster = post_through_kopf
+) -> None:
     """Re-read the service, run a pass and write its status through our own client.
 
     Used where there is no copy of the service (resync) or kopf's is not the service at all (child
@@ -134,7 +153,7 @@ def _pass_on_fresh_owner(memo: kopf.Memo, namespace: str, name: str) -> None:
         owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
     if owner is None or owner["metadata"].get("deletionTimestamp"):
         return
-    outcome = _pass(memo, owner)
+    outcome = _pass(memo, owner, post)
     if outcome.status_delta:
         with _transient_errors_retried():
             memo.api.patch_status(namespace, name, outcome.status_delta)
@@ -163,7 +182,7 @@ def child_changed(
     try:
         _pass_on_fresh_owner(memo, namespace, name)
     except (ApiError, kopf.TemporaryError) as exc:
-        # Event handlers are not retried: the resync timer or the next event will try again.
+        # Event handlers are not retried: the resync loop or the next event will try again.
         logger.warning("could not reconcile %s/%s after a child change: %s", namespace, name, exc)
 
 

@@ -7,6 +7,7 @@ so the operator authenticates exactly as kopf's own login does.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 from collections.abc import Mapping
@@ -15,6 +16,9 @@ from typing import Any
 import kubernetes
 
 from diffusion_operator import constants as c
+
+# The API server refuses longer Event messages.
+MAX_EVENT_MESSAGE = 1024
 
 # kind -> plural of every kind the operator reads or writes.
 PLURALS: dict[str, str] = {
@@ -138,6 +142,34 @@ class KubeApi:
             content_type="application/apply-patch+yaml",
         )
         return result
+
+    def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """Post a core/v1 Event about `involved` (an object as read from the API), as kopf's own
+        poster writes them: for passes that run outside kopf's handlers (the resync loop)."""
+        meta = involved["metadata"]
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:MAX_EVENT_MESSAGE],
+            "source": {"component": c.OPERATOR_NAME},
+            "reportingComponent": c.OPERATOR_NAME,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body=event)
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource of an ImageDiffusionService."""

@@ -240,7 +240,7 @@ def test_a_crash_looping_worker_pod_puts_its_last_log_line_in_the_ready_conditio
     """The emulator runs no kubelet: the test creates the worker pod and writes its status as the
     kubelet would (terminationMessagePolicy FallbackToLogsOnError puts the last log lines in it).
     The operator has settled first, so only the pod's own events can carry it into the status
-    (the resync timer is 60 s away)."""
+    (the resync loop is 60 s away)."""
     kubectl.apply(tiny())
     deployment = wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
     settle(cluster, kubectl.ns)
