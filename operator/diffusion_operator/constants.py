@@ -53,9 +53,13 @@ STARTUP_BUDGET_SECONDS: Final = 45 * 60
 STARTUP_PROBE_PERIOD_SECONDS: Final = 10
 # Long enough for a queue of in-flight images to finish after SIGTERM (readiness drops first).
 TERMINATION_GRACE_SECONDS: Final = 300
+# Before SIGTERM, the worker keeps serving this long (a preStop sleep): a terminating pod leaves the
+# Service's endpoints at once, but kube-proxy and ingress controllers learn of it seconds later,
+# and connections they open meanwhile must still find the port open.
+PRE_STOP_SLEEP_SECONDS: Final = 5
 # The worker finishes accepted requests within this after SIGTERM, then exits 0 before the kubelet's
-# SIGKILL at TERMINATION_GRACE_SECONDS.
-WORKER_DRAIN_SECONDS: Final = TERMINATION_GRACE_SECONDS - 30
+# SIGKILL at TERMINATION_GRACE_SECONDS (which counts from the start of the preStop sleep).
+WORKER_DRAIN_SECONDS: Final = TERMINATION_GRACE_SECONDS - PRE_STOP_SLEEP_SECONDS - 30
 
 # --- defaults the CRD also declares (the operator applies them too, so it never relies on the server) ---
 DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
@@ -105,6 +109,8 @@ REASON_MODEL_CACHE_UNBOUND: Final = "ModelCacheUnbound"  # Stalled=True: the PVC
 REASON_ROLLOUT_STALLED: Final = "RolloutStalled"  # Stalled=True: Deployment exceeded its progress deadline
 REASON_WORKER_FAILING: Final = "WorkerFailing"  # Ready=False: a worker pod crashes or cannot start
 REASON_WORKER_UNSCHEDULABLE: Final = "WorkerUnschedulable"  # Ready=False: no node can take a worker pod
+REASON_WORKER_PODS_REJECTED: Final = "WorkerPodsRejected"  # Ready=False: the ReplicaSet cannot create pods
+REASON_WORKERS_UNAVAILABLE: Final = "WorkersUnavailable"  # Ready=False: pods lost after a completed rollout
 REASON_APPLY_FAILED: Final = "ApplyFailed"  # event reason
 REASON_CREATED: Final = "Created"  # event reason
 REASON_UPDATED: Final = "Updated"  # event reason

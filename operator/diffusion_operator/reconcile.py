@@ -26,8 +26,10 @@ from diffusion_operator.status import (
 
 logger = logging.getLogger(__name__)
 
-# Ready reasons read from the worker pods: a Warning Event when one starts.
-WORKER_PROBLEMS = frozenset({c.REASON_WORKER_FAILING, c.REASON_WORKER_UNSCHEDULABLE})
+# Ready reasons that say why worker pods do not run: a Warning Event when one starts.
+WORKER_PROBLEMS = frozenset(
+    {c.REASON_WORKER_FAILING, c.REASON_WORKER_UNSCHEDULABLE, c.REASON_WORKER_PODS_REJECTED}
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -188,6 +188,8 @@ def worker_container(spec: ServiceSpec, image: str) -> dict[str, Any]:
         ),
         "readinessProbe": _probe(c.READY_PATH, period=5, failures=3),
         "livenessProbe": _probe(c.HEALTH_PATH, period=10, failures=6),
+        # Traffic routed to the pod before its endpoints removal reaches every proxy still lands.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(c.PRE_STOP_SLEEP_SECONDS)]}}},
         "volumeMounts": [
             {"name": "model-cache", "mountPath": c.MODEL_CACHE_MOUNT},
             {"name": "tmp", "mountPath": c.TMP_MOUNT},

@@ -65,6 +65,30 @@ def _serving(spec: ServiceSpec, deployment: Mapping[str, Any]) -> bool:
     )
 
 
+def _rolled_out_before(deployment: Mapping[str, Any], desired: int) -> bool:
+    """The Deployment completed the rollout of its current template (Progressing says
+    NewReplicaSetAvailable at its current generation) and runs only that template's pods: pods
+    missing now were lost after the rollout, and the Deployment's progress deadline, which never
+    fires after a completed rollout, will not turn a failure into RolloutStalled."""
+    status = deployment.get("status") or {}
+    progressing = _deployment_condition(deployment, "Progressing")
+    return (
+        int(status.get("observedGeneration", 0)) >= int(deployment["metadata"].get("generation", 1))
+        and progressing.get("reason") == "NewReplicaSetAvailable"
+        and int(status.get("updatedReplicas", 0)) >= desired
+        and int(status.get("replicas", 0)) == int(status.get("updatedReplicas", 0))
+    )
+
+
+def _rejected_pods(deployment: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(reason, message) when the ReplicaSet cannot create pods at all (a ResourceQuota, a Pod
+    Security admission, a missing ServiceAccount): there are then no pods to explain it."""
+    failure = _deployment_condition(deployment, "ReplicaFailure")
+    if failure.get("status") != "True":
+        return None
+    return c.REASON_WORKER_PODS_REJECTED, f"worker pods cannot be created: {failure.get('message', '')}"
+
+
 def pods_needed(spec: ServiceSpec, deployment: Mapping[str, Any] | None) -> bool:
     """Whether `judge` reads the worker pods: a rollout under way or stalled, not a service that is
     serving or scaled to zero (so a Ready service's passes list no pods)."""
@@ -96,7 +120,7 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
             stalled=(False, c.REASON_AS_EXPECTED, ""),
         )
     status = deployment.get("status") or {}
-    problem = worker_pod_problem(observed.pods)
+    problem = worker_pod_problem(observed.pods) or _rejected_pods(deployment)
     progressing = _deadline_exceeded(deployment)
     if progressing is not None:
         message = f"worker rollout stalled: {progressing.get('message', 'progress deadline exceeded')}"
@@ -130,6 +154,8 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
                 reconciling=(False, c.REASON_RECONCILED, ""),
                 stalled=(False, c.REASON_AS_EXPECTED, ""),
             )
+        if _rolled_out_before(deployment, desired):
+            return _degraded(desired, available, problem)
         message = f"rolling out: {updated}/{desired} worker pods updated, {available} available"
         if problem is not None:
             reason, detail = problem
@@ -142,6 +168,33 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
     return Verdict(
         ready=(False, c.REASON_ROLLING_OUT, message),
         reconciling=(True, c.REASON_ROLLING_OUT, message),
+        stalled=(False, c.REASON_AS_EXPECTED, ""),
+    )
+
+
+def _degraded(desired: int, available: int, problem: tuple[str, str] | None) -> Verdict:
+    """Pods lost after a completed rollout. A worker that fails (crash loop, image pull) is Stalled
+    at once: no deadline would ever end a Reconciling=True, and Argo CD and Flux should say Degraded,
+    not Progressing. Pods being replaced, waiting for a GPU or for quota are Reconciling: the
+    Deployment is working on it, as it is after a node drain."""
+    message = f"{available}/{desired} worker pods available after the rollout completed"
+    if problem is None:
+        return Verdict(
+            ready=(False, c.REASON_WORKERS_UNAVAILABLE, message),
+            reconciling=(True, c.REASON_WORKERS_UNAVAILABLE, message),
+            stalled=(False, c.REASON_AS_EXPECTED, ""),
+        )
+    reason, detail = problem
+    message = f"{message}; {detail}"
+    if reason == c.REASON_WORKER_FAILING:
+        return Verdict(
+            ready=(False, reason, message),
+            reconciling=(False, reason, message),
+            stalled=(True, reason, message),
+        )
+    return Verdict(
+        ready=(False, reason, message),
+        reconciling=(True, reason, message),
         stalled=(False, c.REASON_AS_EXPECTED, ""),
     )
 

@@ -94,7 +94,7 @@ def test_unset_fields_pass_no_flags_so_worker_defaults_hold() -> None:
     args = worker_args(spec_of())
     assert args == [
         "serve", "--model", "builtin:tiny-sd",
-        "--host", "0.0.0.0", "--port", "8000", "--cache-dir", "/models", "--drain-timeout", "270",
+        "--host", "0.0.0.0", "--port", "8000", "--cache-dir", "/models", "--drain-timeout", "265",
     ]  # fmt: skip
 
 
@@ -277,8 +277,11 @@ def test_termination_grace_lets_in_flight_images_finish() -> None:
     pod = render_deployment(spec_of(), META)["spec"]["template"]["spec"]
     grace = pod["terminationGracePeriodSeconds"]
     drain = settings_from_args(pod["containers"][0]["args"][1:]).drain_timeout
+    [pre_stop_sleep] = [
+        int(word) for word in pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1:]
+    ]
     assert grace >= 60
-    assert drain < grace, "the worker finishes draining before the kubelet's SIGKILL"
+    assert pre_stop_sleep + drain < grace, "the worker finishes draining before the kubelet's SIGKILL"
 
 
 def test_service_is_cluster_ip_on_port_http() -> None:

@@ -80,6 +80,57 @@ def test_progress_deadline_exceeded_is_stalled() -> None:
     assert not verdict.reconciling[0]
 
 
+COMPLETE = [
+    {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+    {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
+]
+CRASHING_POD = {
+    "metadata": {"name": "svc-abc-1"},
+    "status": {"containerStatuses": [{"name": c.WORKER_CONTAINER_NAME, "restartCount": 7,
+                                      "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]},
+}  # fmt: skip
+
+
+def test_a_worker_crashing_after_a_completed_rollout_is_stalled_not_reconciling() -> None:
+    """The Deployment's progress deadline never fires once a rollout completed, so Reconciling=True
+    would last for ever and Argo CD / Flux would show Progressing instead of Degraded."""
+    dep = deployment(replicas=2, updatedReplicas=2, readyReplicas=1, availableReplicas=1, conditions=COMPLETE)
+    verdict = judge(SPEC, META, Observed(deployment=dep, pods=[CRASHING_POD]))
+    assert verdict.stalled[:2] == (True, c.REASON_WORKER_FAILING)
+    assert verdict.reconciling[0] is False and verdict.ready[:2] == (False, c.REASON_WORKER_FAILING)
+    assert verdict.ready[2].startswith("1/2 worker pods available after the rollout completed; ")
+    assert "CrashLoopBackOff, restarted 7 times" in verdict.ready[2]
+
+
+def test_pods_lost_after_a_completed_rollout_without_a_failure_are_reconciling() -> None:
+    """A pod replaced after a node drain, or unready while it loads the model again."""
+    dep = deployment(replicas=2, updatedReplicas=2, readyReplicas=1, availableReplicas=1, conditions=COMPLETE)
+    verdict = judge(SPEC, META, Observed(deployment=dep))
+    assert verdict.reconciling[:2] == (True, c.REASON_WORKERS_UNAVAILABLE)
+    assert verdict.stalled[0] is False and verdict.ready[0] is False
+
+
+def test_a_crash_during_a_rollout_stays_reconciling_until_the_deadline() -> None:
+    rolling = [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}]
+    dep = deployment(replicas=2, updatedReplicas=2, readyReplicas=0, availableReplicas=0, conditions=rolling)
+    verdict = judge(SPEC, META, Observed(deployment=dep, pods=[CRASHING_POD]))
+    assert verdict.reconciling[:2] == (True, c.REASON_WORKER_FAILING)
+    assert verdict.stalled[0] is False
+
+
+def test_pods_the_replica_set_cannot_create_are_named_in_ready() -> None:
+    """Quota or Pod Security admission: no pods exist to explain it; the Deployment's
+    ReplicaFailure condition does."""
+    quota = 'pods "svc-abc-x" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1'
+    failure = {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": quota}
+    rolling = [{"type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated"}, failure]
+    dep = deployment(replicas=0, updatedReplicas=0, availableReplicas=0, conditions=rolling)
+    verdict = judge(SPEC, META, Observed(deployment=dep))
+    assert verdict.ready[:2] == (False, c.REASON_WORKER_PODS_REJECTED)
+    assert verdict.ready[2].endswith("worker pods cannot be created: " + failure["message"])
+    assert verdict.reconciling[0] is True and verdict.stalled[0] is False
+
+
 def test_lost_model_cache_is_stalled_model_cache_unbound() -> None:
     pvc = {"metadata": {"name": "svc-model-cache"}, "status": {"phase": "Lost"}}
     verdict = judge(SPEC, META, Observed(deployment=deployment(), model_cache=pvc))
