@@ -36,7 +36,7 @@ from diffusion_worker.protocol import (
     ImageGenerationRequest,
     ImagesResponse,
 )
-from diffusion_worker.scheduler import Scheduler
+from diffusion_worker.scheduler import Scheduler, no_engine_left_error
 from diffusion_worker.serving import ImageGenerationService
 from diffusion_worker.settings import WorkerSettings
 from diffusion_worker.storage import ImageStore
@@ -88,6 +88,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         finally:
             await asyncio.to_thread(scheduler.close)
             encoder.close()
+            store.close()
             for engine in engines:
                 engine.close()
 
@@ -156,9 +157,18 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
             raise APIError(404, f"No image at {key!r}", param="key", code="not_found")
         return FileResponse(path, media_type=_media_type(path.suffix))
 
-    @app.get("/health", summary="The process is up", dependencies=probe_auth, responses=ERROR_RESPONSES)
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get(
+        "/health",
+        summary="The process is up and has an engine that works",
+        dependencies=probe_auth,
+        responses=ERROR_RESPONSES,
+    )
+    async def health(request: Request) -> JSONResponse:
+        # Liveness: with every engine out of rotation only a restart helps (a CUDA error such as an
+        # illegal memory access lasts as long as the process). While the model loads it is alive.
+        if not has_working_engine(request):
+            return no_engine_left_error().response()
+        return JSONResponse({"status": "ok"})
 
     @app.get(
         "/ready",
@@ -172,6 +182,8 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
             return APIError(503, "The worker is shutting down", type="service_unavailable").response()
         if scheduler is None:
             return APIError(503, "The model is loading", type="service_unavailable").response()
+        if not has_working_engine(request):
+            return no_engine_left_error().response()
         if scheduler.saturated:
             full = APIError(503, "The queue is full", type="service_unavailable", code="queue_full")
             return full.response()
@@ -212,6 +224,12 @@ async def server_sent_events(
             yield f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
     finally:
         watcher.cancel()
+
+
+def has_working_engine(request: Request) -> bool:
+    """False once every engine left rotation after failing call after call (true while loading)."""
+    scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
+    return scheduler is None or scheduler.engines_in_rotation > 0
 
 
 def metrics_of(request: Request) -> WorkerMetrics:
@@ -291,7 +309,8 @@ def install_error_handlers(app: FastAPI) -> None:
         code, message = kinds.get(exc.status_code, ("http_error", str(exc.detail)))
         if exc.status_code in kinds:
             message = f"{message}: {request.method} {request.url.path}"
-        return APIError(exc.status_code, message, code=code).response()
+        # Starlette's 405 carries `Allow` (RFC 9110 requires it); keep it and any other header.
+        return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response()
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

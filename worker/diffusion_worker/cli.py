@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from diffusion_worker.settings import add_settings_arguments, settings_from_namespace
+from diffusion_worker.settings import add_settings_arguments, describe_settings_error, settings_from_namespace
 
 log = logging.getLogger("diffusion_worker")
 
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_namespace(args)
     except ValidationError as exc:
-        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"error: invalid settings:\n{describe_settings_error(exc)}", file=sys.stderr)
         return 2
     from diffusion_worker.server import serve
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,6 +22,7 @@ WEBP_LOSSLESS_EFFORT = 50
 PNG_MODES = ("L", "LA", "RGB", "RGBA")
 MAX_DEFAULT_THREADS = 16
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+T = TypeVar("T")
 
 
 def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
@@ -74,11 +77,23 @@ def encode_image(image: Any, output_format: str, compression: int | None = None)
 
 class ImageEncoder:
     """Encodes a request's images on `threads` threads: PNG strips of every image at once (see
-    `png`), other formats an image per thread. One per worker; `close` stops its threads."""
+    `png`), other formats an image per thread. One per worker; `close` stops its threads.
+
+    Requests hand their encoding to `run`, which has threads of its own (`threads` of them): not
+    asyncio's default executor, which anything may fill (uploads to a black-holed endpoint once
+    did, and every request's encoding queued behind them), and not the strip pool, whose threads
+    a caller waiting on its own strips would deadlock.
+    """
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="encode") if threads > 1 else None
+        self._callers = ThreadPoolExecutor(threads, thread_name_prefix="encode-call")
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(*args)`, blocking work that encodes, on the encoder's caller threads."""
+        in_context = contextvars.copy_context().run  # its log lines carry the request id
+        return await asyncio.get_running_loop().run_in_executor(self._callers, in_context, function, *args)
 
     def encode(
         self, images: Sequence[Any], output_format: str, compression: int | None = None
@@ -92,5 +107,6 @@ class ImageEncoder:
 
     def close(self) -> None:
         """Stop the threads (after any encoding under way)."""
+        self._callers.shutdown()
         if self._pool is not None:
             self._pool.shutdown()

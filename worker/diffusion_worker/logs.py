@@ -31,9 +31,14 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).propagate = True
 
 
+def describe_error(error: BaseException) -> str:
+    """`Type: first line of the message` (at most 300 characters of it), for one log line."""
+    detail = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+
+
 def log_failure(logger: logging.Logger, what: str, error: BaseException) -> None:
     """One ERROR line naming the failure (exception type and the first line of its message); the
     traceback only at DEBUG, so default logs carry no stack frames or the locals they may quote."""
-    detail = str(error).splitlines()[0][:300] if str(error) else ""
-    logger.error("%s: %s%s", what, type(error).__name__, f": {detail}" if detail else "")
+    logger.error("%s: %s", what, describe_error(error))
     logger.debug("traceback of the failure above", exc_info=error)

@@ -75,8 +75,17 @@ class WorkerMetrics:
         )
         self.failed = Counter(
             "diffusion_worker_failed_requests",
-            "Accepted requests that failed, by reason (out_of_memory, storage, pipeline_error, shutdown).",
+            "Requests that failed, by reason: out_of_memory, pipeline_error (the pipeline call raised), "
+            "storage, internal_error (any other exception), shutdown (drain time ran out), device_failed "
+            "(queued when the last engine left rotation).",
             ["reason"],
+            registry=self.registry,
+        )
+
+        self.engines_in_rotation = Gauge(
+            "diffusion_worker_engines_in_rotation",
+            "Engines (pipeline copies) still taking batches; one leaves after failing several calls in a "
+            "row, and at 0 the worker answers 503 device_failed and its probes fail.",
             registry=self.registry,
         )
 

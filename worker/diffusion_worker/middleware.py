@@ -7,6 +7,7 @@ import asyncio
 import logging
 import uuid
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from diffusion_worker.errors import APIError
@@ -14,6 +15,10 @@ from diffusion_worker.logs import log_failure, request_id_var
 from diffusion_worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
+
+# nginx's "client closed request": what a request is counted as when its client left before any
+# answer (the status never reaches a client).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class RequestContextMiddleware:
@@ -29,7 +34,8 @@ class RequestContextMiddleware:
             return
         request_id = uuid.uuid4().hex
         token = request_id_var.set(request_id)
-        status = 500
+        status: int | None = None
+        raised = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -41,11 +47,37 @@ class RequestContextMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except BaseException:
+            raised = True
+            raise
         finally:
             self.metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route=route, status=str(status)).inc()
+            status_label = str(counted_status(status, raised))
+            self.metrics.requests.labels(route=route_of(scope), status=status_label).inc()
             request_id_var.reset(token)
+
+
+def route_of(scope: Scope) -> str:
+    """The route template a request is counted under. The router records the route it ran; a
+    request answered before routing (413 from the body limit, 405) is matched here against the
+    app's routes, so it is not lumped with unknown paths under "unmatched"."""
+    route = scope.get("route")
+    if route is None:
+        router = getattr(scope.get("app"), "router", None)
+        for candidate in getattr(router, "routes", ()):
+            if candidate.matches(scope)[0] != Match.NONE:
+                route = candidate
+                break
+    return str(getattr(route, "path", "unmatched"))
+
+
+def counted_status(status: int | None, raised: bool) -> int:
+    """The status a request is counted under: the one sent; else 500 for an exception, which the
+    server answers with a 500; else 499: the app answers every request it finishes, so one that
+    ends without an answer had lost its client (gone before its body arrived)."""
+    if status is not None:
+        return status
+    return 500 if raised else CLIENT_CLOSED_REQUEST
 
 
 class BodySizeLimitMiddleware:
@@ -71,6 +103,7 @@ class BodySizeLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                log.info("client disconnected before its request body arrived")
                 return
             chunk = message.get("body", b"")
             size += len(chunk)

@@ -37,7 +37,10 @@ class NvExt(BaseModel):
     )
     guidance_scale: float | None = Field(None, ge=0, le=100, description="Classifier-free guidance scale.")
     seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i. Absent: random."
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of image 0; image i uses seed + i (seed + n - 1 at most 2^62). Absent: random.",
     )
     annotations: list[str] | None = Field(None, description="Free-form tags; accepted and logged.")
 

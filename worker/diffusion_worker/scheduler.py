@@ -20,6 +20,11 @@ batches of that size and guidance (`GenerationBatch.memory_key`) at most as larg
 half for LEARNED_LIMIT_SECONDS, so later batches do not pay for a failed call each (one that fails
 in the VAE decode has run every denoising step first); after that the full size is tried again,
 in case memory was short only for a while (fragmentation, another process on the GPU).
+
+A broken device: an engine whose calls fail FAILURES_BEFORE_REMOVAL times in a row (any error but
+out of memory or cancellation) leaves rotation, its thread stops taking batches, so a device that
+fails in milliseconds no longer wins most races for the queue. With no engine left, queued and new
+work fails at once with a 503 and `/ready` and `/health` answer 503 (the kubelet restarts the pod).
 """
 
 from __future__ import annotations
@@ -35,13 +40,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffusion_worker.engine import DeviceOutOfMemoryError, Engine, GenerationBatch, GenerationCancelledError
-from diffusion_worker.logs import log_failure, request_id_var
+from diffusion_worker.errors import APIError
+from diffusion_worker.logs import describe_error, log_failure, request_id_var
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.previews import PreviewPlan, preview_steps
 
 log = logging.getLogger(__name__)
 
 LEARNED_LIMIT_SECONDS = 600.0
+# Consecutive failed calls that take an engine out of rotation. One failure may be the batch (an
+# input that slipped past validation, a transient error) and costs only that batch; three in a row,
+# with no success between, is the device (a sticky CUDA error such as an illegal memory access
+# fails every later call in the process) and costs two more batches before the engine stops.
+FAILURES_BEFORE_REMOVAL = 3
 
 PartialSink = Callable[[int, int, Any], None]
 """Called on the event loop as sink(image_index, partial_image_index, pil_image)."""
@@ -53,6 +64,19 @@ class QueueFullError(Exception):
 
 class SchedulerClosedError(Exception):
     """The scheduler is shutting down and takes no new work."""
+
+
+def no_engine_left_error() -> APIError:
+    """503 for work that no engine can run any more. An APIError, not a scheduler exception that
+    serving translates, so a job already queued when the last engine leaves gets it too (serving
+    lets APIError through from `wait` as it is)."""
+    return APIError(
+        503,
+        f"Every device of this worker failed {FAILURES_BEFORE_REMOVAL} generations in a row and was "
+        "taken out of service; the worker reports itself unhealthy. Retry on another replica",
+        type="service_unavailable",
+        code="device_failed",
+    )
 
 
 @dataclass(eq=False)
@@ -89,6 +113,16 @@ class _LearnedLimit:
     until: float
 
 
+@dataclass(eq=False)
+class _EngineSlot:
+    """An engine, its thread's name (devices repeat on CPU), and whether it still takes batches."""
+
+    engine: Engine
+    name: str
+    consecutive_failures: int = 0
+    in_rotation: bool = True
+
+
 @dataclass(frozen=True)
 class _Slice:
     """Images start..stop of a job, as part of a batch."""
@@ -111,20 +145,21 @@ class Scheduler:
         batch_wait_seconds: float = 0.0,
         learned_limit_seconds: float = LEARNED_LIMIT_SECONDS,
     ) -> None:
-        self._engines = list(engines)
+        self._slots = [_EngineSlot(engine, f"engine-{index}") for index, engine in enumerate(engines)]
         self._max_queue = max_queue
         self._max_batch_size = max_batch_size
         self._learned_limit_seconds = learned_limit_seconds
         self._learned: dict[tuple[Any, ...], _LearnedLimit] = {}
         self._batch_wait_seconds = batch_wait_seconds
         self.metrics = metrics
+        self.metrics.engines_in_rotation.set(len(self._slots))
         self._pending: deque[_Job] = deque()
         self._condition = threading.Condition()
         self._admitted = 0
         self._closed = False
         self._threads = [
-            threading.Thread(target=self._run, args=(engine,), name=f"engine-{index}", daemon=True)
-            for index, engine in enumerate(self._engines)
+            threading.Thread(target=self._run, args=(slot,), name=slot.name, daemon=True)
+            for slot in self._slots
         ]
 
     def start(self) -> None:
@@ -136,6 +171,11 @@ class Scheduler:
     def images_admitted(self) -> int:
         """Images queued or running."""
         return self._admitted
+
+    @property
+    def engines_in_rotation(self) -> int:
+        """Engines still taking batches; 0 means the worker cannot serve (/ready and /health fail)."""
+        return sum(slot.in_rotation for slot in self._slots)
 
     @property
     def saturated(self) -> bool:
@@ -167,6 +207,9 @@ class Scheduler:
         with self._condition:
             if self._closed:
                 raise SchedulerClosedError("the worker is shutting down")
+            if not self.engines_in_rotation:
+                self.metrics.rejected.labels(reason="device_failed").inc()
+                raise no_engine_left_error()
             if self._admitted + len(batch) > self._max_queue:
                 raise QueueFullError(
                     f"{self._admitted} images are queued or running and this request adds {len(batch)}; "
@@ -174,7 +217,9 @@ class Scheduler:
                 )
             self._admitted += len(batch)
             self._pending.append(job)
-            self._condition.notify()
+            # Every waiter, not one: a thread filling its batch (--batch-wait-ms) may take the
+            # wakeup, find the job does not fit its batch and leave it, while an idle engine sleeps on.
+            self._condition.notify_all()
         self.metrics.queue_depth.set(self._admitted)
         return job
 
@@ -277,23 +322,23 @@ class Scheduler:
             self._learned[batch.memory_key] = _LearnedLimit(images, until)
             return images
 
-    def _run(self, engine: Engine) -> None:
-        while True:
+    def _run(self, slot: _EngineSlot) -> None:
+        while slot.in_rotation:
             slices = self._next_batch()
             if slices is None:
                 return
             if slices:
-                self._run_batch(engine, slices)
+                self._run_batch(slot, slices)
 
-    def _run_batch(self, engine: Engine, slices: list[_Slice]) -> None:
+    def _run_batch(self, slot: _EngineSlot, slices: list[_Slice]) -> None:
         now = time.perf_counter()
         for piece in slices:
             if not piece.job.started:
                 piece.job.started = True
                 self.metrics.queue_wait_seconds.observe(now - piece.job.enqueued_at)
-        self._attempt(engine, slices)
+        self._attempt(slot, slices)
 
-    def _attempt(self, engine: Engine, slices: list[_Slice]) -> None:
+    def _attempt(self, slot: _EngineSlot, slices: list[_Slice]) -> None:
         """One pipeline call for `slices`; out of memory with more than one image, two smaller ones."""
         slices = [piece for piece in slices if not piece.job.cancelled]
         if not slices:
@@ -304,7 +349,7 @@ class Scheduler:
         self.metrics.batch_size.observe(len(batch))
         started = time.perf_counter()
         try:
-            images = engine.generate(
+            images = slot.engine.generate(
                 batch, lambda: any(not job.cancelled for job in jobs), self._preview_plan(slices, batch)
             )
         except GenerationCancelledError:
@@ -333,10 +378,12 @@ class Scheduler:
                 self._fail_jobs(jobs, exc)
                 return
         except BaseException as exc:
-            log_failure(log, f"generation failed on {engine.device}", exc)
+            log_failure(log, f"generation failed on {slot.engine.device}", exc)
             self._fail_jobs(jobs, exc)
+            self._count_failure(slot, exc)
             return
         else:
+            slot.consecutive_failures = 0
             self.metrics.generation_seconds.observe(time.perf_counter() - started)
             self.metrics.images_generated.inc(len(images))
             self._deliver(slices, images)
@@ -345,7 +392,50 @@ class Scheduler:
             request_id_var.reset(token)
         # Outside the except block: nothing of the failed call is referenced while the halves run.
         for part in halves:
-            self._attempt(engine, part)
+            self._attempt(slot, part)
+
+    def _count_failure(self, slot: _EngineSlot, error: BaseException) -> None:
+        """One more failed call in a row for `slot`; at FAILURES_BEFORE_REMOVAL it leaves rotation.
+
+        The failed batch is not retried on another engine: after one failure nobody knows whether
+        the batch or the device is at fault, and a retry would spend a second device on work that
+        may be bad and let one bad request strike every engine in turn. Without retries a request
+        strikes only the engine that ran it (its other images are dropped with it), and removal
+        takes a run of failures with no success between on one engine, which is what a broken
+        device does while the other engines keep serving the same queue. The price: that many bad
+        requests in a row landing on one engine remove it too."""
+        with self._condition:
+            slot.consecutive_failures += 1
+            if slot.consecutive_failures < FAILURES_BEFORE_REMOVAL or not slot.in_rotation:
+                return
+            slot.in_rotation = False
+            left = self.engines_in_rotation
+            stranded = self._drop_pending() if left == 0 else []
+        self.metrics.engines_in_rotation.set(left)
+        log.error(
+            "taking %s (%s) out of rotation: its last %d generations failed (the last: %s); "
+            "%d of %d engines left",
+            slot.name,
+            slot.engine.device,
+            slot.consecutive_failures,
+            describe_error(error),
+            left,
+            len(self._slots),
+        )
+        if left == 0:
+            log.critical(
+                "no engine left in rotation: failing %d queued requests with 503; /ready and /health "
+                "now answer 503 so the pod is restarted",
+                len(stranded),
+            )
+            self.metrics.failed.labels(reason="device_failed").inc(len(stranded))
+            self._fail_jobs(stranded, no_engine_left_error())
+
+    def _drop_pending(self) -> list[_Job]:
+        """Empty the queue, returning its jobs. Called with the condition held."""
+        jobs = [job for job in self._pending if not job.cancelled]
+        self._pending.clear()
+        return jobs
 
     @staticmethod
     def _fail_jobs(jobs: list[_Job], error: BaseException) -> None:

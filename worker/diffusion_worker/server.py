@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from types import FrameType
 
@@ -38,7 +39,8 @@ def serve(settings: WorkerSettings) -> int:
         access_log=settings.log_level == "debug",
         lifespan="on",
         timeout_keep_alive=settings.keep_alive_timeout,
-        timeout_graceful_shutdown=int(settings.drain_timeout),
+        # uvicorn takes whole seconds; rounding up never cuts a drain short (0.5 s is not 0).
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout),
     )
     server = DrainingServer(config, app)
     # uvicorn re-raises SIGINT/SIGTERM after its graceful shutdown, which would end the process with

@@ -27,7 +27,7 @@ from diffusion_worker.protocol import (
 )
 from diffusion_worker.scheduler import PartialSink, QueueFullError, Scheduler, SchedulerClosedError
 from diffusion_worker.settings import WorkerSettings
-from diffusion_worker.storage import ImageStore, StorageError, image_key
+from diffusion_worker.storage import ImageStore, StorageError, StoreItem, image_key
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,24 @@ class RequestDefaults:
         )
 
 
+def max_images_per_request(settings: WorkerSettings) -> tuple[int, str]:
+    """The largest `n` a request may ask for, and the setting that sets it.
+
+    --max-queue below --max-images-per-request is allowed (the CRD admits it when only maxQueue
+    is set, so refusing it at start-up would crash such pods): a request for more images than the
+    queue holds could never be admitted, so it gets a 400 naming --max-queue, not a 429 that
+    tells the client to retry forever."""
+    if settings.max_queue < settings.max_images_per_request:
+        log.warning(
+            "--max-queue %d is below --max-images-per-request %d: requests may ask for at most %d images",
+            settings.max_queue,
+            settings.max_images_per_request,
+            settings.max_queue,
+        )
+        return settings.max_queue, "--max-queue: the most images this worker holds at once"
+    return settings.max_images_per_request, "--max-images-per-request"
+
+
 class ImageGenerationService:
     """Serves `POST /v1/images/generations` on top of a scheduler and an image store."""
 
@@ -114,6 +132,7 @@ class ImageGenerationService:
         self.store = store
         self.defaults = RequestDefaults.resolve(settings, info)
         self.served_model_name = settings.effective_served_model_name
+        self.max_images = max_images_per_request(settings)
 
     def build_batch(self, request: ImageGenerationRequest) -> GenerationBatch:
         """Apply limits and defaults; every rejection names the offending parameter."""
@@ -139,9 +158,10 @@ class ImageGenerationService:
             )
         self._refuse_unsupported(request)
         n = request.n or 1
-        if n > settings.max_images_per_request:
+        most_images, source = self.max_images
+        if n > most_images:
             raise invalid_param(
-                "n", f"`n` must be at most {settings.max_images_per_request}, got {n}", code="too_many_images"
+                "n", f"`n` must be at most {most_images} ({source}), got {n}", code="too_many_images"
             )
         size = self.defaults.size
         if request.size is not None and request.size != "auto":
@@ -179,8 +199,15 @@ class ImageGenerationService:
                     )
                 negative_prompt = nvext.negative_prompt
             seed = nvext.seed
+        # Every seed returned must be one a request may send back: seed + n - 1 <= MAX_SEED.
         if seed is None:
-            seed = secrets.randbelow(MAX_SEED)
+            seed = secrets.randbelow(MAX_SEED - n + 2)
+        elif seed + n - 1 > MAX_SEED:
+            raise invalid_param(
+                "nvext.seed",
+                f"`nvext.seed` + n - 1 must be at most {MAX_SEED} (image i uses seed + i), "
+                f"got {seed} with n={n}",
+            )
         return GenerationBatch(
             prompts=[request.prompt] * n,
             negative_prompts=None if negative_prompt is None else [negative_prompt] * n,
@@ -221,13 +248,14 @@ class ImageGenerationService:
         response_format = request.response_format or "url"
         # Encoding, and base64 (7 ms for a 1024x1024 PNG), run in a thread: the PNG writer's numpy
         # and ISA-L work releases the GIL; base64 holds it per image, so the loop gets a turn between.
+        # The encoder's own threads, not asyncio's default ones: a stuck upload cannot hold them.
         if response_format == "b64_json":
-            texts = await asyncio.to_thread(
+            texts = await self.encoder.run(
                 self._encode_b64, images, output_format, request.output_compression
             )
             data = [image_object("b64_json", text) for text in texts]
         else:
-            encoded = await asyncio.to_thread(self._encode, images, output_format, request.output_compression)
+            encoded = await self.encoder.run(self._encode, images, output_format, request.output_compression)
             data = await self._store(
                 encoded, output_format, request.effective_user, request_id, request_base_url
             )
@@ -310,6 +338,13 @@ class ImageGenerationService:
                 code="out_of_memory",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             ) from exc
+        except APIError:
+            raise  # the scheduler's own answer (e.g. 503 device_failed), as it is
+        except Exception as exc:
+            # Not logged here: the scheduler logged it, once per batch, naming the device. The
+            # client learns nothing of it (exception text may quote paths or weights).
+            self.metrics.failed.labels(reason="pipeline_error").inc()
+            raise APIError(500, "Internal server error", type="server_error", code="internal_error") from exc
 
     def start_stream(
         self, request: ImageGenerationRequest, request_id: str
@@ -346,7 +381,7 @@ class ImageGenerationService:
         output_format = echo["output_format"]
 
         async def event(kind: str, index: int, image: Any, **fields: Any) -> dict[str, Any]:
-            [text] = await asyncio.to_thread(
+            [text] = await self.encoder.run(
                 self._encode_b64, [image], output_format, request.output_compression
             )
             return {
@@ -389,6 +424,7 @@ class ImageGenerationService:
             yield {"type": "error", **exc.body()}
         except Exception as exc:
             log_failure(log, "streamed generation failed", exc)
+            self.metrics.failed.labels(reason="internal_error").inc()
             yield {"type": "error", **APIError(500, "Internal server error", type="server_error").body()}
         finally:
             if not waiter.done():
@@ -403,9 +439,28 @@ class ImageGenerationService:
             for index, blob in enumerate(encoded)
         ]
         try:
-            await asyncio.to_thread(self.store.put_all, items)
-            return [image_object("url", self.store.url_for(key, base_url)) for key, _, _ in items]
+            urls = await self._publish(items, base_url)
         except StorageError as exc:
-            log.error("storage failed: %s (cause: %r)", exc, exc.__cause__)
+            # The message names --storage-url and quotes the backend (bucket, key id): log only.
+            log_failure(log, "storage failed", exc)
             self.metrics.failed.labels(reason="storage").inc()
-            raise APIError(502, str(exc), type="storage_error", code="storage_unavailable") from exc
+            raise APIError(
+                502,
+                "Could not store the generated images; the worker log has the details "
+                f"(request id {request_id})",
+                type="storage_error",
+                code="storage_unavailable",
+            ) from exc
+        return [image_object("url", url) for url in urls]
+
+    async def _publish(self, items: list[StoreItem], base_url: str) -> list[str]:
+        """The images' URLs; StorageError on failure and after --storage-timeout (the store then
+        drops the upload and removes what it wrote)."""
+        timeout = self.settings.storage_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.store.publish(items, base_url)
+        except TimeoutError as exc:
+            raise StorageError(
+                f"images not stored under {self.store.storage_url} within {timeout:g}s (--storage-timeout)"
+            ) from exc

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DIFFUSION_WORKER_"
@@ -126,6 +126,13 @@ class WorkerSettings(BaseSettings):
         ge=1,
         le=604_800,
         description="Lifetime of presigned s3:// and gs:// URLs when no --public-base-url is set.",
+    )
+    storage_timeout: float = Field(
+        60,
+        gt=0,
+        description="Seconds a response_format=url request may spend storing its images (waiting for one "
+        "of the worker's upload threads, writing, presigning); then it gets 502 storage_error and what it "
+        "wrote is removed. An unreachable endpoint then costs a request this long, never the others.",
     )
     # --- limits ---
     max_inference_steps: int = Field(
@@ -279,10 +286,42 @@ def _scalar_type(annotation: Any) -> Any:
     return str
 
 
+def _env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _help(name: str, field: Any) -> str:
+    """A field's description with its env var and its default (as this environment resolves it)."""
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, SecretStr) or default is None:
+        shown = "none"
+    elif isinstance(default, bool):
+        shown = str(default).lower()
+    else:
+        shown = str(default)
+    text = f"{field.description} (env {_env_var(name)}; default: {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """One line per problem, naming the flag and env var a user sets, not the pydantic field."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        location = problem["loc"][0] if problem["loc"] else None
+        message = problem["msg"].removeprefix("Value error, ")
+        if isinstance(location, str) and location in WorkerSettings.model_fields:
+            got = problem.get("input")
+            shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+            lines.append(f"{_flag(location)} / {_env_var(location)}: {message}{shown}")
+        else:
+            lines.append(message)
+    return "\n".join(lines)
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per WorkerSettings field; absent flags leave env vars and defaults in force."""
     for name, field in WorkerSettings.model_fields.items():
-        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": field.description}
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": _help(name, field)}
         if field.annotation is bool:  # `--vae-tiling` alone means true; `--vae-tiling false` also works
             kwargs.update(nargs="?", const="true", type=str, metavar="BOOL")
         elif typing.get_origin(field.annotation) is Literal:

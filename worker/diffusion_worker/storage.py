@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from diffusion_worker.logs import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -14,10 +20,50 @@ ANONYMOUS = "anonymous"
 MAX_USER_LENGTH = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 PRESIGNING_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
+# Requests whose images are written at once; more wait for a thread (their wait counts towards
+# --storage-timeout). Its own pool: a black-holed endpoint holds these threads, never encoding's.
+UPLOAD_THREADS = 8
+StoreItem = tuple[str, bytes, str]  # key below the storage root, data, content type
 
 
 class StorageError(Exception):
-    """Images could not be written; nothing of the request is left behind."""
+    """Images could not be stored; nothing of the request is left behind. The message names the
+    storage URL and quotes the backend's error: it is for the worker log, not for clients."""
+
+
+class UploadAbandonedError(Exception):
+    """The request stopped waiting for this upload (timeout, client gone)."""
+
+
+class Upload:
+    """One request's upload, which the request may give up on while a thread still runs it.
+
+    Whichever of `finish` (the thread, all written and signed) and `abandon` (the request) comes
+    first wins, so the images are either handed to the request or removed by the thread: never
+    both, never neither.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._finished = False
+        self._abandoned = False
+
+    @property
+    def abandoned(self) -> bool:
+        """Whether the request gave up on this upload."""
+        return self._abandoned
+
+    def finish(self) -> bool:
+        """Hand the upload to the request; False when the request had already given up."""
+        with self._lock:
+            self._finished = not self._abandoned
+            return self._finished
+
+    def abandon(self) -> bool:
+        """Give up on the upload; False when it had already finished (its URLs stand)."""
+        with self._lock:
+            self._abandoned = not self._finished
+            return self._abandoned
 
 
 def sanitize_user(user: str | None) -> str:
@@ -45,6 +91,7 @@ class ImageStore:
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.url_expiry_seconds = url_expiry_seconds
+        self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload")
 
     @property
     def is_local(self) -> bool:
@@ -56,23 +103,68 @@ class ImageStore:
         """Whether the worker must serve stored images itself (`GET /v1/images/files/...`)."""
         return self.is_local and self.public_base_url is None
 
-    def put_all(self, items: list[tuple[str, bytes, str]]) -> None:
-        """Write every (key, data, content_type); on any failure remove what was written and raise."""
+    async def publish(self, items: list[StoreItem], request_base_url: str) -> list[str]:
+        """Write every item and return its URL, on the upload threads; StorageError on any failure.
+
+        Cancelled (a timeout around it, a client gone), it gives the upload up: one still waiting
+        for a thread never starts, and the thread running one removes what it wrote once its
+        current write returns. Either way nothing of the request stays in storage."""
+        upload = Upload()
+        in_context = contextvars.copy_context().run  # the upload's log lines carry the request id
+        future = asyncio.get_running_loop().run_in_executor(
+            self._uploads, in_context, self.write_and_sign, items, request_base_url, upload
+        )
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not upload.abandon():  # it had just finished: its URLs will reach nobody
+                self._uploads.submit(self._remove, [self._path(key) for key, _, _ in items])
+            raise
+
+    def write_and_sign(
+        self, items: list[StoreItem], request_base_url: str, upload: Upload | None = None
+    ) -> list[str]:
+        """Write every (key, data, content_type) and return the URLs (blocking). On any failure,
+        presigning included, or once `upload` is abandoned, remove what was written and raise."""
         written: list[str] = []
         try:
             for key, data, content_type in items:
-                path = f"{self.root}/{key}"
-                if self.is_local:
-                    self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-                self.fs.pipe_file(path, data, **self._content_type_options(content_type))
-                written.append(path)
+                self._write(key, data, content_type)
+                written.append(self._path(key))
+                if upload is not None and upload.abandoned:
+                    raise UploadAbandonedError("the request stopped waiting")
+            urls = [self.url_for(key, request_base_url) for key, _, _ in items]
+            if upload is not None and not upload.finish():
+                raise UploadAbandonedError("the request stopped waiting")
+            return urls
+        except StorageError:
+            self._remove(written)
+            raise
         except Exception as exc:
-            for path in written:
-                try:
-                    self.fs.rm_file(path)
-                except Exception:
-                    log.warning("could not remove %s after a failed write", path)
-            raise StorageError(f"could not write images to {self.storage_url}: {type(exc).__name__}") from exc
+            self._remove(written)
+            raise StorageError(
+                f"could not store images under {self.storage_url}: {describe_error(exc)}"
+            ) from exc
+
+    def close(self) -> None:
+        """Stop the upload threads; queued uploads are dropped, running ones finish (or are removed)."""
+        self._uploads.shutdown(wait=False, cancel_futures=True)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def _write(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+        if self.is_local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, data, **self._content_type_options(content_type))
+
+    def _remove(self, paths: list[str]) -> None:
+        for path in paths:
+            try:
+                self.fs.rm_file(path)
+            except Exception as exc:
+                log.warning("could not remove %s after a failed upload: %s", path, describe_error(exc))
 
     def _content_type_options(self, content_type: str) -> dict[str, Any]:
         if self.protocol in ("s3", "s3a"):
@@ -87,9 +179,11 @@ class ImageStore:
             return f"{self.public_base_url}/{key}"
         if self.protocol in PRESIGNING_PROTOCOLS:
             try:
-                return str(self.fs.sign(f"{self.root}/{key}", expiration=self.url_expiry_seconds))
+                return str(self.fs.sign(self._path(key), expiration=self.url_expiry_seconds))
             except Exception as exc:
-                raise StorageError(f"could not presign a URL under {self.storage_url}: {exc}") from exc
+                raise StorageError(
+                    f"could not presign a URL under {self.storage_url}: {describe_error(exc)}"
+                ) from exc
         if self.serves_files:
             return f"{request_base_url.rstrip('/')}/v1/images/files/{key}"
         return f"{self.storage_url}/{key}"

@@ -214,6 +214,7 @@ def test_malformed_json_unknown_route_and_wrong_method_are_openai_errors(worker_
     for response, status in cases:
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert cases[-1][0].headers["allow"] == "POST", "a 405 says which methods the route takes"
 
 
 def test_oversized_body_gets_413(worker_url: str) -> None:
@@ -224,6 +225,9 @@ def test_oversized_body_gets_413(worker_url: str) -> None:
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
+    # Refused before routing, still counted under its route, not with unknown paths.
+    exposed = httpx.get(f"{worker_url}/metrics").text
+    assert 'diffusion_worker_requests_total{route="/v1/images/generations",status="413"}' in exposed
 
 
 def test_unknown_top_level_fields_are_ignored(client: openai.OpenAI) -> None:

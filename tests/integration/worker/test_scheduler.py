@@ -1,4 +1,5 @@
-"""Batching, ordering, fairness, cancellation, timeouts and drain, on the real tiny pipeline."""
+"""Batching, ordering, fairness, cancellation, timeouts and drain, on the real tiny pipeline (and on
+stand-in engines where only which engine runs a batch, and when, matters)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import base64
 import io
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_worker.engine import GenerationBatch, load_engines
+from diffusion_worker.engine import GenerationBatch, KeepGoing, ModelInfo, load_engines
 from diffusion_worker.metrics import WorkerMetrics
+from diffusion_worker.previews import PreviewPlan
 from diffusion_worker.scheduler import Scheduler
 from diffusion_worker.settings import WorkerSettings
 from support.engines import ObservedEngine, observed_loader
@@ -143,6 +146,64 @@ def test_cancelled_queued_request_never_runs(tiny_engine: Any) -> None:
     finally:
         scheduler.close()
     assert [b.seeds for b in observed.batches] == [[1]]
+
+
+class HoldingEngine:
+    """A stand-in engine that records which prompts it ran, sets `entered` on each call, and holds a
+    batch whose prompt has a gate in `holds` until the test sets it; no pipeline (only which engine
+    runs what matters)."""
+
+    info = ModelInfo("StandIn", (64, 64), 2, 7.5, supports_negative_prompt=True, supports_guidance_scale=True)
+
+    def __init__(self, name: str, holds: dict[str, threading.Event], entered: threading.Event) -> None:
+        self.device = name
+        self.holds = holds
+        self.prompts: list[str] = []
+        self.entered = entered
+
+    def generate(
+        self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
+    ) -> list[Any]:
+        self.prompts.extend(batch.prompts)
+        self.entered.set()
+        gate = self.holds.get(batch.prompts[0])
+        if gate is not None:
+            assert gate.wait(timeout=60), "the test never released the batch"
+        return [None] * len(batch)
+
+    def close(self) -> None:
+        pass
+
+
+def test_new_work_reaches_an_idle_engine_while_another_waits_to_fill_its_batch() -> None:
+    """A thread waiting to fill its batch (--batch-wait-ms) must not swallow the wakeup meant for
+    an idle engine when the new job does not fit its batch."""
+    release_first, entered = threading.Event(), threading.Event()
+    engines = [HoldingEngine(name, {"first": release_first}, entered) for name in ("a", "b")]
+    scheduler = Scheduler(
+        engines, max_queue=16, max_batch_size=2, metrics=WorkerMetrics(), batch_wait_seconds=2.0
+    )
+    scheduler.start()
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(scheduler.generate(batch_of([1, 2], prompt="first"), "first"))
+        assert await asyncio.to_thread(entered.wait, 30)
+        (busy,) = [engine for engine in engines if "first" in engine.prompts]
+        filling = asyncio.ensure_future(scheduler.generate(batch_of([3], prompt="filling"), "filling"))
+        await asyncio.sleep(0.3)  # the other engine takes it and waits to fill its batch
+        release_first.set()
+        await first
+        await asyncio.sleep(0.3)  # the busy engine goes back to waiting for work: now it is idle
+        late = asyncio.ensure_future(scheduler.generate(batch_of([4], prompt="late", steps=3), "late"))
+        await asyncio.gather(filling, late)
+        assert "late" in busy.prompts, "the idle engine took the job that did not fit the other's batch"
+
+    # A slow machine can only make the sleeps above too short, and then the engines find the work
+    # without a wakeup: the test would pass, never fail, for that reason.
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
 
 
 def post(url: str, body: dict[str, Any], **kwargs: Any) -> httpx.Response:

@@ -12,7 +12,7 @@ from diffusion_worker.encoding import ImageEncoder
 from diffusion_worker.engine import ModelInfo
 from diffusion_worker.errors import APIError
 from diffusion_worker.metrics import WorkerMetrics
-from diffusion_worker.protocol import ImageGenerationRequest
+from diffusion_worker.protocol import MAX_SEED, ImageGenerationRequest
 from diffusion_worker.scheduler import Scheduler
 from diffusion_worker.serving import ImageGenerationService, RequestDefaults
 from diffusion_worker.settings import WorkerSettings
@@ -88,6 +88,25 @@ def test_random_seeds_differ_between_requests(tmp_path: Path) -> None:
     assert svc.build_batch(request()).seeds != svc.build_batch(request()).seeds
 
 
+def test_every_returned_seed_can_be_sent_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image i uses seed + i: the largest random seed still leaves seed + n - 1 within MAX_SEED."""
+    monkeypatch.setattr("secrets.randbelow", lambda bound: bound - 1)  # the largest it can draw
+    svc = service(tmp_path)
+    seeds = svc.build_batch(request(n=10)).seeds
+    assert seeds[-1] == MAX_SEED
+    for seed in seeds:
+        assert svc.build_batch(request(nvext={"seed": seed})).seeds == [seed]
+
+
+def test_a_seed_whose_last_image_would_pass_the_limit_is_refused(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    assert svc.build_batch(request(n=2, nvext={"seed": MAX_SEED - 1})).seeds == [MAX_SEED - 1, MAX_SEED]
+    with pytest.raises(APIError) as refused:
+        svc.build_batch(request(n=2, nvext={"seed": MAX_SEED}))
+    assert (refused.value.status_code, refused.value.param) == (400, "nvext.seed")
+    assert "seed + i" in refused.value.message
+
+
 @pytest.mark.parametrize(
     ("fields", "status", "param"),
     [
@@ -131,3 +150,14 @@ def test_unknown_field_names_reach_the_log_escaped_and_bounded(
     assert "\n" not in message
     assert "'evil\\nERROR forged line'" in message
     assert message.endswith("and 3 more")
+
+
+def test_more_images_than_the_queue_holds_is_a_400_naming_the_queue_limit(tmp_path: Path) -> None:
+    """Such a request can never be admitted, so a 429 telling the client to retry would be a lie."""
+    svc = service(tmp_path, max_queue=3, max_images_per_request=10)
+    assert len(svc.build_batch(request(n=3))) == 3
+    with pytest.raises(APIError) as caught:
+        svc.build_batch(request(n=4))
+    error = caught.value
+    assert (error.status_code, error.type, error.param) == (400, "invalid_request_error", "n")
+    assert "at most 3" in error.message and "--max-queue" in error.message and "got 4" in error.message

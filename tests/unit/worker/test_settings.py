@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from diffusion_worker.cli import build_parser
+from diffusion_worker.cli import build_parser, main
 from diffusion_worker.settings import WorkerSettings, settings_from_args
 
 
@@ -18,6 +18,26 @@ def test_every_field_has_a_description_and_a_flag() -> None:
     for name, field in WorkerSettings.model_fields.items():
         assert field.description, name
         assert "--" + name.replace("_", "-") in serve_help
+
+
+def test_help_names_each_flags_env_var_and_default() -> None:
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    helps = {action.dest: action.help for action in serve._actions}
+    assert helps["max_queue"].endswith("(env DIFFUSION_WORKER_MAX_QUEUE; default: 64)")
+    assert helps["vae_tiling"].endswith("(env DIFFUSION_WORKER_VAE_TILING; default: false)")
+    assert helps["api_key"].endswith("(env DIFFUSION_WORKER_API_KEY; default: none)")
+
+
+def test_cli_errors_name_the_flag_and_env_var_not_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--max-queue", "0", "--quality-steps", '{"bogus": 3}']) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: invalid settings:"
+    assert (
+        "--max-queue / DIFFUSION_WORKER_MAX_QUEUE: Input should be greater than or equal to 1 (got 0)"
+        in lines
+    )
+    assert any(line.startswith("--quality-steps / DIFFUSION_WORKER_QUALITY_STEPS: ") for line in lines)
+    assert "max_queue" not in lines, "pydantic's own layout, a field name alone on a line"
 
 
 def test_flags_parse_into_typed_settings() -> None:
@@ -101,3 +121,12 @@ def test_speed_options_parse_from_flags() -> None:
     assert settings_from_args([]).compile is False
     with pytest.raises(argparse.ArgumentError):
         settings_from_args(["--compile-mode", "fastest"])
+
+
+def test_storage_timeout_defaults_to_a_minute_and_reads_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_args([]).storage_timeout == 60
+    assert settings_from_args(["--storage-timeout", "2.5"]).storage_timeout == 2.5
+    monkeypatch.setenv("DIFFUSION_WORKER_STORAGE_TIMEOUT", "9")
+    assert settings_from_args([]).storage_timeout == 9
+    with pytest.raises(ValidationError):
+        WorkerSettings(storage_timeout=0)
