@@ -72,30 +72,33 @@ app.kubernetes.io/part-of: image-diffusion-operator
 {{/*
 What the operator may do with the objects it owns: one list, used by the ClusterRole (cluster-wide
 mode) and by each namespace's Role (namespace-scoped mode). No wildcards and no Secrets: workers
-get credentials through Secret references in their pod spec, which the operator never reads.
+get credentials through Secret references in their pod spec, which the operator never reads. No
+update or delete either: children are server-side applied (patch, create) and garbage-collected
+through owner references. tests/integration/chart/test_chart_rbac_matches_operator.py records what
+a service's whole lifecycle calls and fails on a grant nothing uses.
 */}}
 {{- define "image-diffusion-operator.operatorRules" -}}
 - apiGroups: ["imagediffusion.dev"]
   resources: ["imagediffusionservices"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["imagediffusion.dev"]
   resources: ["imagediffusionservices/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
 - apiGroups: ["imagediffusion.dev"]
   resources: ["imagediffusionservices/finalizers"]
   verbs: ["update"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["services", "persistentvolumeclaims"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end }}
 
 {{/*

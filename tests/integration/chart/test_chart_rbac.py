@@ -9,17 +9,18 @@ from support.chart import SCENARIOS, Manifest, Render
 pytestmark = pytest.mark.integration
 
 RBAC_KINDS = {"ClusterRole", "Role"}
-ALL_VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 # The contract agreed with the operator: (apiGroup, resource) -> verbs.
+# test_chart_rbac_matches_operator.py checks it against what the operator really calls.
+CHILD_VERBS = {"get", "list", "watch", "create", "patch"}  # server-side apply; no update or delete
 OPERATOR_NEEDS = {
-    ("imagediffusion.dev", "imagediffusionservices"): {"get", "list", "watch", "patch", "update"},
-    ("imagediffusion.dev", "imagediffusionservices/status"): {"get", "patch", "update"},
+    ("imagediffusion.dev", "imagediffusionservices"): {"get", "list", "watch", "patch"},
+    ("imagediffusion.dev", "imagediffusionservices/status"): {"get", "patch"},
     ("imagediffusion.dev", "imagediffusionservices/finalizers"): {"update"},
-    ("apps", "deployments"): ALL_VERBS,
-    ("", "services"): ALL_VERBS,
-    ("", "persistentvolumeclaims"): ALL_VERBS,
+    ("apps", "deployments"): CHILD_VERBS,
+    ("", "services"): CHILD_VERBS,
+    ("", "persistentvolumeclaims"): CHILD_VERBS,
     ("", "events"): {"create", "patch"},
-    ("", "pods"): {"get", "list", "watch"},  # read only: why a worker is not ready
+    ("", "pods"): {"list", "watch"},  # read only: why a worker is not ready
 }
 KOPF_DISCOVERY = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
