@@ -187,8 +187,12 @@ def test_strict_namespaced_mode_has_no_cluster_scoped_rbac(render: Render) -> No
 def test_crd_is_kept_on_uninstall_by_default_and_can_be_skipped(render: Render) -> None:
     crd = one(render(), "CustomResourceDefinition")
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert crd["metadata"]["annotations"]["argocd.argoproj.io/sync-options"] == "Prune=false"
     unkept = one(render("--set", "crds.keep=false"), "CustomResourceDefinition")
-    assert "helm.sh/resource-policy" not in unkept["metadata"].get("annotations", {})
+    assert not unkept["metadata"].get("annotations", {}).keys() & {
+        "helm.sh/resource-policy",
+        "argocd.argoproj.io/sync-options",
+    }
     assert not by_kind(render("--set", "crds.enabled=false"), "CustomResourceDefinition")
 
 
