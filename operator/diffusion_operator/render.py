@@ -210,6 +210,16 @@ def worker_container(spec: ServiceSpec, image: str) -> dict[str, Any]:
     return container
 
 
+def rollout_strategy(spec: ServiceSpec) -> dict[str, Any]:
+    """maxSurge 0 (default): an update never needs a spare GPU, an old pod stops first. With a surge,
+    no old pod stops before a new one is ready: a single-replica service keeps serving."""
+    surge = spec.rollout.max_surge
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": surge, "maxUnavailable": 0 if surge else 1},
+    }
+
+
 def render_pod_template(spec: ServiceSpec, meta: Meta, image: str) -> dict[str, Any]:
     """The Deployment's pod template, with a config hash annotation that changes whenever the pod would."""
     volumes: list[dict[str, Any]] = [
@@ -264,8 +274,7 @@ def render_deployment(spec: ServiceSpec, meta: Meta, default_image: str = c.DEFA
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(meta)},
-            # maxSurge 0: an update never needs a spare GPU, and a ReadWriteOnce cache is released first.
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "strategy": rollout_strategy(spec),
             "progressDeadlineSeconds": c.STARTUP_BUDGET_SECONDS + 600,
             "revisionHistoryLimit": 3,
             "template": render_pod_template(spec, meta, image),

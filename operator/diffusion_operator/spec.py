@@ -102,6 +102,13 @@ class NetworkSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    """spec.rollout: the Deployment's rolling update."""
+
+    max_surge: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class PodSpec:
     """spec.pod: passed through to the pod template."""
 
@@ -119,6 +126,7 @@ class ServiceSpec:
 
     model: ModelSpec
     replicas: int = 1
+    rollout: RolloutSpec = dataclasses.field(default_factory=RolloutSpec)
     resources: ResourcesSpec = dataclasses.field(default_factory=ResourcesSpec)
     parallelism: ParallelismSpec = dataclasses.field(default_factory=ParallelismSpec)
     storage: StorageSpec | None = None
@@ -221,6 +229,7 @@ def parse_spec(spec: Mapping[str, Any]) -> ServiceSpec:
     parsed = ServiceSpec(
         model=model,
         replicas=int(spec.get("replicas", 1)),
+        rollout=RolloutSpec(max_surge=int(_section(spec, "rollout").get("maxSurge", 0))),
         resources=ResourcesSpec(
             gpus=int(resources.get("gpus", 1)),
             gpu_resource_name=str(resources.get("gpuResourceName") or c.DEFAULT_GPU_RESOURCE),
@@ -280,7 +289,13 @@ def parse_spec(spec: Mapping[str, Any]) -> ServiceSpec:
 
 
 def validate_beyond_schema(spec: ServiceSpec) -> None:
-    """Checks the CRD's CEL rules cannot make (string parsing); raise InvalidSpecError on failure."""
+    """Checks the CRD's CEL rules cannot make (string parsing, and rules CEL's cost budget would not
+    admit); raise InvalidSpecError on failure."""
+    if spec.rollout.max_surge > 0 and "ReadWriteOncePod" in spec.model_cache.access_modes:
+        raise InvalidSpecError(
+            "spec.rollout.maxSurge above 0 needs a model cache two pods can mount: "
+            "modelCache.accessModes ReadWriteOncePod admits one pod, so the new pod would never start"
+        )
     size = spec.defaults.size
     if size is not None:
         match = _SIZE.match(size)

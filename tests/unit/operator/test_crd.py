@@ -61,10 +61,14 @@ def test_every_field_has_a_description_for_kubectl_explain() -> None:
 
 def test_spec_fields_match_the_design() -> None:
     spec = load_schema()["properties"]["spec"]["properties"]
+    # Beyond DESIGN.md's sketch, each optional: rollout{maxSurge} (zero-downtime updates of a
+    # single-replica service; proposed for the sketch in the issue notes).
+    extensions = {"rollout"}
     assert set(spec) == {
         "model", "replicas", "resources", "parallelism", "storage", "modelCache", "limits",
         "defaults", "auth", "image", "service", "pod",
-    }  # fmt: skip
+    } | extensions  # fmt: skip
+    assert set(spec["rollout"]["properties"]) == {"maxSurge"}
     assert set(spec["model"]["properties"]) == {
         "id", "path", "uri", "revision", "dtype", "servedName", "pipeline", "tokenSecretRef",
     }  # fmt: skip

@@ -273,6 +273,15 @@ def test_config_hash_changes_when_the_pod_would_and_only_then() -> None:
     assert config_hash(spec_of(pod={"annotations": {"a": "b"}})) != base
 
 
+def test_rollout_stops_an_old_pod_first_unless_a_surge_is_allowed() -> None:
+    """Default: no spare GPU needed. With a surge, no old pod stops before a new one is ready, so a
+    single-replica service keeps serving through an update."""
+    default = render_deployment(spec_of(), META)["spec"]["strategy"]
+    assert default == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+    surged = render_deployment(spec_of(rollout={"maxSurge": 1}), META)["spec"]["strategy"]
+    assert surged == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
 def test_termination_grace_lets_in_flight_images_finish() -> None:
     pod = render_deployment(spec_of(), META)["spec"]["template"]["spec"]
     grace = pod["terminationGracePeriodSeconds"]

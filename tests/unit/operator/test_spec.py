@@ -68,3 +68,16 @@ def test_multi_gpu_or_parallel_pods_need_shared_memory() -> None:
     assert parse_spec(
         {"model": {"id": "x"}, "resources": {"gpus": 0}, "parallelism": {"dataParallel": 2}}
     ).needs_shared_memory
+
+
+def test_a_rollout_surge_needs_a_cache_two_pods_can_mount() -> None:
+    assert parse_spec({"model": {"id": "x"}}).rollout.max_surge == 0
+    assert parse_spec({"model": {"id": "x"}, "rollout": {"maxSurge": 1}}).rollout.max_surge == 1
+    with pytest.raises(InvalidSpecError, match="ReadWriteOncePod"):
+        parse_spec(
+            {
+                "model": {"id": "x"},
+                "rollout": {"maxSurge": 1},
+                "modelCache": {"accessModes": ["ReadWriteOncePod"]},
+            }
+        )
