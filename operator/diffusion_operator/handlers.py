@@ -37,6 +37,7 @@ CHILD_FILTER = {c.LABEL_MANAGED_BY: c.OPERATOR_NAME}
 WATCHED = (
     ("apps", "v1", "deployments"),
     ("", "v1", "services"),
+    ("policy", "v1", "poddisruptionbudgets"),
     ("", "v1", "persistentvolumeclaims"),
     ("", "v1", "pods"),
 )
@@ -131,39 +132,42 @@ def post_through_own_client(memo: kopf.Memo, body: Mapping[str, Any], event: Eve
         LOGGER.warning("could not post the %s event of %s: %s", event.reason, body["metadata"]["name"], exc)
 
 
-def _pass(memo: kopf.Memo, body: Mapping[str, Any], post: EventPoster = post_through_kopf) -> Outcome:
-    metadata = body["metadata"]
-    with _transient_errors_retried(), _lock(memo, metadata["namespace"], metadata["name"]):
-        outcome = reconcile_service(memo.api, body, memo.config.worker_image)
+def _converge(memo: kopf.Memo, namespace: str, name: str, post: EventPoster) -> Outcome | None:
+    """One pass over a service: read it, reconcile, write its status, then post the pass's Events.
+
+    Every trigger (a kopf handler, a child's event, the resync) goes through here, and the read,
+    the pass and the status write happen under the service's lock: a pass that waited for the
+    lock reads the status the previous one wrote, so a transition (Ready, say) is judged, and its
+    Event posted, once. None when the service is gone or being deleted. A failed API call raises
+    TemporaryError, with no Event posted: the retry judges the same transition again.
+    """
+    with _lock(memo, namespace, name), _transient_errors_retried():
+        owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
+            return None
+        outcome = reconcile_service(memo.api, owner, memo.config.worker_image)
+        if outcome.status_delta:
+            memo.api.patch_status(namespace, name, outcome.status_delta)
     for event in outcome.events:
-        post(memo, body, event)
+        post(memo, owner, event)
     return outcome
 
 
 def _pass_on_fresh_owner(
     memo: kopf.Memo, namespace: str, name: str, post: EventPoster = post_through_kopf
 ) -> None:
-    """Re-read the service, run a pass and write its status through our own client.
-
-    Used where there is no copy of the service (resync) or kopf's is not the service at all (child
-    events). A failed write raises TemporaryError like any other API error; the caller logs it and
-    the next event or resync round tries again.
-    """
-    with _transient_errors_retried():
-        owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return
-    outcome = _pass(memo, owner, post)
-    if outcome.status_delta:
-        with _transient_errors_retried():
-            memo.api.patch_status(namespace, name, outcome.status_delta)
+    """A pass for a trigger that is not the service itself (resync, child events)."""
+    _converge(memo, namespace, name, post)
 
 
-def reconcile(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
-    """Converge the children on create, on every spec change, and when the operator starts."""
-    outcome = _pass(memo, body)
-    patch.status.update(outcome.status_delta)
-    if outcome.invalid:
+def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Converge the children on create, on every spec change, and when the operator starts.
+
+    kopf's copy of the service only names it: the pass reads it afresh under the lock and writes
+    the status itself, as every other trigger does (kopf would patch it after the lock is gone)."""
+    metadata = body["metadata"]
+    outcome = _converge(memo, metadata["namespace"], metadata["name"], post_through_kopf)
+    if outcome is not None and outcome.invalid:
         raise kopf.PermanentError(outcome.invalid)
 
 

@@ -25,6 +25,7 @@ PLURALS: dict[str, str] = {
     "Deployment": "deployments",
     "Service": "services",
     "PersistentVolumeClaim": "persistentvolumeclaims",
+    "PodDisruptionBudget": "poddisruptionbudgets",
     "Pod": "pods",
     c.KIND: c.PLURAL,
 }

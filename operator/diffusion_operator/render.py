@@ -303,6 +303,18 @@ def render_service(spec: ServiceSpec, meta: Meta) -> Manifest:
     }
 
 
+def render_disruption_budget(spec: ServiceSpec, meta: Meta) -> Manifest:
+    """At most one worker pod down for voluntary disruptions (node drains, the cluster autoscaler):
+    a drain evicts one pod, then waits until its replacement is ready before the next. With one
+    replica it allows the eviction (a budget of 0 would block every drain of that node)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(meta.name, meta),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(meta)}},
+    }
+
+
 def render_model_cache_pvc(spec: ServiceSpec, meta: Meta) -> Manifest:
     """The model-cache PVC; without an owner reference when modelCache.retainOnDelete is true."""
     pvc_spec: dict[str, Any] = {
@@ -336,4 +348,5 @@ def render_children(
         with_applied_hash(render_model_cache_pvc(spec, meta)),
         with_applied_hash(render_deployment(spec, meta, default_image)),
         with_applied_hash(render_service(spec, meta)),
+        with_applied_hash(render_disruption_budget(spec, meta)),
     ]

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "crds" / "samples"
 CRD_NAME = "imagediffusionservices.imagediffusion.dev"
 READY_TIMEOUT_S = int(os.environ.get("E2E_READY_TIMEOUT_S", "900"))
-CHILD_KINDS = ("deployments.apps", "services", "persistentvolumeclaims")
+CHILD_KINDS = ("deployments.apps", "services", "persistentvolumeclaims", "poddisruptionbudgets.policy")
 
 
 def kubectl_path() -> str:
@@ -139,7 +139,7 @@ def test_ready_service_reports_kstatus_and_endpoint(ready_service: ReadyService)
     assert status["endpoint"] == f"http://{ready_service.name}.{ready_service.namespace}.svc:8000/v1"
     assert status["readyReplicas"] >= 1
     kinds = {kind for kind, _ in ready_service.children}
-    assert {"deployments.apps", "services"} <= kinds
+    assert {"deployments.apps", "services", "poddisruptionbudgets.policy"} <= kinds
 
 
 @pytest.fixture

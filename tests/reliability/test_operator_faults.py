@@ -21,7 +21,7 @@ import pytest
 from diffusion_operator import constants as c
 from support.kube_emulator import EmulatorThread
 from support.kube_faults import FaultInjector
-from support.operator_harness import Kubectl, OperatorThread, emulated_cluster, tiny, wait_for
+from support.operator_harness import CHILD_API, Kubectl, OperatorThread, emulated_cluster, tiny, wait_for
 from support.reliability import Figures
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.integration
 # (services, seconds allowed to converge) per scale
 LOAD = {"ci": (2, 180), "soak": (20, 900)}
 RATES = {"watch_dropped": 0.3, "throttled": 0.1, "server_error": 0.15, "conflict": 0.1}
-CHILD_KINDS = ("deployments", "services", "persistentvolumeclaims")
+CHILD_KINDS = ("deployments", "services", "persistentvolumeclaims", "poddisruptionbudgets")
 
 
 @pytest.fixture
@@ -44,22 +44,23 @@ def children(kubectl: Kubectl) -> dict[str, list[dict[str, Any]]]:
     selector = f"{c.LABEL_MANAGED_BY}={c.OPERATOR_NAME}"
     found = {}
     for kind in CHILD_KINDS:
-        prefix = "/apis/apps/v1" if kind == "deployments" else "/api/v1"
         response = kubectl.client.get(
-            f"{prefix}/namespaces/{kubectl.ns}/{kind}", params={"labelSelector": selector}
+            f"{CHILD_API[kind]}/namespaces/{kubectl.ns}/{kind}", params={"labelSelector": selector}
         )
         found[kind] = response.json()["items"]
     return found
 
 
 def assert_exactly_the_right_children(kubectl: Kubectl, names: list[str]) -> None:
-    """One Deployment, Service and model-cache PVC per service, each owned by it; nothing else."""
+    """One Deployment, Service, model-cache PVC and PodDisruptionBudget per service, each owned by
+    it; nothing else."""
     owners = {name: kubectl.service(name)["metadata"]["uid"] for name in names}  # type: ignore[index]
     found = children(kubectl)
     expected = {
         "deployments": sorted(names),
         "services": sorted(names),
         "persistentvolumeclaims": sorted(f"{name}-model-cache" for name in names),
+        "poddisruptionbudgets": sorted(names),
     }
     for kind, objects in found.items():
         assert sorted(o["metadata"]["name"] for o in objects) == expected[kind], (

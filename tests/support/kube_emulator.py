@@ -88,6 +88,7 @@ BUILTIN_KINDS = [
     Kind("", "v1", "pods", "Pod", has_status=True),
     Kind("", "v1", "secrets", "Secret"),
     Kind("apps", "v1", "deployments", "Deployment", has_status=True),
+    Kind("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", has_status=True),
     Kind("events.k8s.io", "v1", "events", "Event"),
     Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
          namespaced=False, has_status=True),

@@ -20,6 +20,13 @@ from support.idsvc_schema import CRD_PATH
 from support.kube_emulator import EmulatorThread
 
 IDS = "/apis/imagediffusion.dev/v1alpha1/namespaces/{ns}/imagediffusionservices"
+# plural -> API path prefix of each kind of child
+CHILD_API = {
+    "deployments": "/apis/apps/v1",
+    "poddisruptionbudgets": "/apis/policy/v1",
+    "services": "/api/v1",
+    "persistentvolumeclaims": "/api/v1",
+}
 
 
 class Client:
@@ -159,8 +166,7 @@ class Kubectl:
         return self.get(self.ids_path(name))
 
     def child(self, kind: str, name: str) -> dict[str, Any] | None:
-        prefix = "/apis/apps/v1" if kind == "deployments" else "/api/v1"
-        return self.get(f"{prefix}/namespaces/{self.ns}/{kind}/{name}")
+        return self.get(f"{CHILD_API[kind]}/namespaces/{self.ns}/{kind}/{name}")
 
     def condition(self, name: str, type_: str) -> dict[str, Any] | None:
         service = self.service(name) or {}

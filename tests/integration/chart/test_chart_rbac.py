@@ -19,6 +19,7 @@ OPERATOR_NEEDS = {
     ("apps", "deployments"): CHILD_VERBS,
     ("", "services"): CHILD_VERBS,
     ("", "persistentvolumeclaims"): CHILD_VERBS,
+    ("policy", "poddisruptionbudgets"): CHILD_VERBS,
     ("", "events"): {"create", "patch"},
     ("", "pods"): {"list", "watch"},  # read only: why a worker is not ready
 }

@@ -110,8 +110,8 @@ def test_needs_apply_when_missing_rerendered_or_edited_by_hand() -> None:
 def test_first_pass_creates_children_and_reports_reconciling() -> None:
     api = FakeApi()
     outcome = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
-    assert api.applies == ["PersistentVolumeClaim", "Deployment", "Service"]
-    assert [e.reason for e in outcome.events] == ["Created"] * 3
+    assert api.applies == ["PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget"]
+    assert [e.reason for e in outcome.events] == ["Created"] * 4
     reconciling = next(x for x in outcome.status_delta["conditions"] if x["type"] == "Reconciling")
     assert reconciling["status"] == "True"
     assert outcome.status_delta["observedGeneration"] == 1
@@ -121,7 +121,7 @@ def test_second_pass_with_same_spec_writes_nothing() -> None:
     api = FakeApi()
     first = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
     second = reconcile_service(api, body(SPEC, first.status_delta), "img")  # type: ignore[arg-type]
-    assert api.applies == ["PersistentVolumeClaim", "Deployment", "Service"]
+    assert api.applies == ["PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget"]
     assert second.status_delta == {} and second.events == []
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 
 from diffusion_operator import constants as c
@@ -12,6 +14,7 @@ from diffusion_operator.render import (
     endpoint,
     render_children,
     render_deployment,
+    render_disruption_budget,
     render_model_cache_pvc,
     render_service,
     worker_args,
@@ -21,6 +24,8 @@ from diffusion_worker.settings import settings_from_args
 from support.idsvc_schema import SAMPLES, apply_defaults, load_sample, load_schema
 
 META = Meta(name="svc", namespace="team-a", uid="uid-1", generation=3)
+# The chart's kubeVersion floor, and the newest schema kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.25", kubernetes_validate.utils.latest_version())
 
 
 def spec_of(**fields: Any) -> ServiceSpec:
@@ -318,10 +323,30 @@ def test_model_cache_pvc_follows_spec_and_is_kept_when_asked() -> None:
 
 def test_children_carry_an_applied_hash_and_come_in_apply_order() -> None:
     children = render_children(spec_of(), META)
-    assert [child["kind"] for child in children] == ["PersistentVolumeClaim", "Deployment", "Service"]
+    assert [child["kind"] for child in children] == [
+        "PersistentVolumeClaim", "Deployment", "Service", "PodDisruptionBudget",
+    ]  # fmt: skip
     assert all(c.ANNOTATION_APPLIED_HASH in child["metadata"]["annotations"] for child in children)
     again = render_children(spec_of(), META)
     assert children == again
+
+
+def test_disruption_budget_lets_a_drain_take_one_worker_pod_at_a_time() -> None:
+    budget = render_disruption_budget(spec_of(replicas=3), META)
+    deployment = render_deployment(spec_of(replicas=3), META)
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"] == deployment["spec"]["selector"]
+    assert budget["metadata"]["ownerReferences"] == deployment["metadata"]["ownerReferences"]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_every_child_of_every_sample_is_valid_kubernetes(path: Path, version: str) -> None:
+    """Strict (unknown fields are errors, as server-side apply makes them) against the oldest
+    Kubernetes the chart supports and the newest kubernetes-validate knows."""
+    spec = parse_spec(apply_defaults(load_schema(), load_sample(path))["spec"])
+    for child in render_children(spec, META):
+        kubernetes_validate.validate(child, version, strict=True)
 
 
 def test_endpoint_names_service_namespace_and_port() -> None:
