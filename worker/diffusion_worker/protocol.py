@@ -76,6 +76,7 @@ class ImageGenerationRequest(BaseModel):
     # Known OpenAI fields this server cannot honour: refused by name rather than ignored.
     svg: Any | None = Field(None, description="Not supported (400).")
     frame_count: Any | None = Field(None, description="Not supported (400).")
+    frame_duration_ms: Any | None = Field(None, description="Not supported (400).")
     complexity: Any | None = Field(None, description="Not supported (400).")
     nvext: NvExt | None = None
 

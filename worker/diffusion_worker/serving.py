@@ -45,7 +45,7 @@ QUALITY_STEP_FACTORS: dict[str, float] = {
     "xhigh": 1.5,
     "max": 2.0,
 }
-UNSUPPORTED_FIELDS = ("svg", "frame_count", "complexity")
+UNSUPPORTED_FIELDS = ("svg", "frame_count", "frame_duration_ms", "complexity")
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,7 @@ def test_response_echoes_background_and_accepts_opaque_and_moderation(client: op
         ({"output_format": "svg"}, "output_format"),
         ({"svg": {"viewBox": "0 0 1 1"}}, "svg"),
         ({"frame_count": 4}, "frame_count"),
+        ({"frame_duration_ms": 100}, "frame_duration_ms"),
         ({"complexity": "high"}, "complexity"),
         ({"stream": True, "partial_images": 4}, "partial_images"),
         ({"stream": True, "response_format": "url"}, "response_format"),
