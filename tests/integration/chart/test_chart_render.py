@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from diffusion_operator.render import render_deployment
+from diffusion_operator.spec import Meta, parse_spec
 from support.chart import CHART, RELEASE, RELEASE_NAMESPACE, SCENARIOS, Manifest, Render
 
 pytestmark = pytest.mark.integration
@@ -240,3 +242,25 @@ def test_notes_example_service_passes_the_crd_schema(
     heredoc = notes.split("<<'YAML'\n", 1)[1].split("\n  YAML", 1)[0]
     assert "{{" not in heredoc
     validate_custom_resource(yaml.safe_load("\n".join(line[2:] for line in heredoc.splitlines())))
+
+
+def test_pod_monitor_selects_the_worker_pods_the_operator_renders(render: Render) -> None:
+    """Off by default (it needs prometheus-operator's CRD); when on, its selector matches the labels
+    of the pods the operator really renders, on the port that serves /metrics."""
+    assert not by_kind(render(), "PodMonitor")
+    monitor = one(
+        render("--set", "worker.podMonitor.enabled=true", "--set", "worker.podMonitor.labels.release=prom"),
+        "PodMonitor",
+    )
+    pod = render_deployment(parse_spec({"model": {"id": "builtin:tiny-sd"}}), Meta("svc", "team-a", "uid"))[
+        "spec"
+    ]["template"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {port["name"] for port in pod["spec"]["containers"][0]["ports"]}
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    scoped = one(render(*SCENARIOS["namespaced"], "--set", "worker.podMonitor.enabled=true"), "PodMonitor")
+    assert scoped["spec"]["namespaceSelector"]["matchNames"] == ["team-a", "team-b"]
