@@ -89,7 +89,9 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     enqueued_at: float = field(default_factory=time.perf_counter)
     taken: int = 0
+    running: int = 0  # images in a batch on an engine right now
     finished: int = 0
+    released: bool = False  # the waiter is gone; running images leave the count as their batch ends
     results: list[Any] = field(default_factory=list)
     cancelled: bool = False
     started: bool = False
@@ -231,9 +233,14 @@ class Scheduler:
             self._cancel(job)
             raise
         finally:
+            # Images still in a batch on an engine keep counting towards --max-queue until that
+            # batch ends (a cancelled one stops at its next step): a client that gives up does not
+            # make room for new work while the device is still busy with its images.
             with self._condition:
-                self._admitted -= len(job.batch)
-            self.metrics.queue_depth.set(self._admitted)
+                job.released = True
+                self._admitted -= len(job.batch) - job.running
+                admitted = self._admitted
+            self.metrics.queue_depth.set(admitted)
 
     def _cancel(self, job: _Job) -> None:
         with self._condition:
@@ -261,6 +268,7 @@ class Scheduler:
             count = min(room, job.untaken)
             slices.append(_Slice(job, job.taken, job.taken + count))
             job.taken += count
+            job.running += count
             room -= count
             if job.untaken:
                 requeue.append(job)
@@ -336,7 +344,24 @@ class Scheduler:
             if not piece.job.started:
                 piece.job.started = True
                 self.metrics.queue_wait_seconds.observe(now - piece.job.enqueued_at)
-        self._attempt(slot, slices)
+        try:
+            self._attempt(slot, slices)
+        finally:
+            self._end_batch(slices)
+
+    def _end_batch(self, slices: list[_Slice]) -> None:
+        """The batch's images no longer run; those of requests whose waiter is gone leave the count."""
+        with self._condition:
+            freed = 0
+            for piece in slices:
+                count = piece.stop - piece.start
+                piece.job.running -= count
+                if piece.job.released:
+                    freed += count
+            self._admitted -= freed
+            admitted = self._admitted
+        if freed:
+            self.metrics.queue_depth.set(admitted)
 
     def _attempt(self, slot: _EngineSlot, slices: list[_Slice]) -> None:
         """One pipeline call for `slices`; out of memory with more than one image, two smaller ones."""

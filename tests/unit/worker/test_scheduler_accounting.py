@@ -1,0 +1,92 @@
+"""--max-queue counts images until the device is done with them, also for requests given up on.
+
+A stand-in engine, no pipeline: what matters is when a batch starts and ends, which a gate decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from diffusion_worker.engine import Engine, GenerationBatch, KeepGoing, ModelInfo
+from diffusion_worker.metrics import WorkerMetrics
+from diffusion_worker.previews import PreviewPlan
+from diffusion_worker.scheduler import QueueFullError, Scheduler
+
+INFO = ModelInfo("StandIn", (64, 64), 2, 7.5, supports_negative_prompt=True, supports_guidance_scale=True)
+
+
+class GatedEngine:
+    """Sets `entered` when a batch starts and holds it until `gate` opens (ignoring keep_going, as
+    a pipeline does between two step callbacks)."""
+
+    info = INFO
+    device = "stand-in"
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def generate(
+        self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
+    ) -> list[Any]:
+        self.entered.set()
+        assert self.gate.wait(timeout=30), "the test never opened the gate"
+        return [None] * len(batch)
+
+    def close(self) -> None:
+        pass
+
+
+def images(n: int) -> GenerationBatch:
+    return GenerationBatch(["p"] * n, None, 64, 64, 2, 7.5, list(range(n)))
+
+
+def test_a_cancelled_request_keeps_its_running_images_counted_until_the_batch_ends() -> None:
+    engine = GatedEngine()
+    scheduler = Scheduler(list[Engine]([engine]), max_queue=2, max_batch_size=2, metrics=WorkerMetrics())
+
+    async def scenario() -> None:
+        waiter = asyncio.ensure_future(scheduler.generate(images(2), "first"))
+        assert await asyncio.to_thread(engine.entered.wait, 10), "the batch never started"
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert scheduler.images_admitted == 2, "the device is still busy with both images"
+        with pytest.raises(QueueFullError):
+            scheduler.submit(images(1), "second")
+        engine.gate.set()
+        for _ in range(200):
+            if scheduler.images_admitted == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert scheduler.images_admitted == 0, "the ended batch gave its images back"
+        assert await scheduler.generate(images(2), "third") == [None, None]
+
+    scheduler.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.gate.set()
+        scheduler.close()
+    assert scheduler.metrics.registry.get_sample_value("diffusion_worker_queue_images") == 0
+
+
+def test_a_finished_request_gives_back_every_image() -> None:
+    engine = GatedEngine()
+    engine.gate.set()
+    scheduler = Scheduler(list[Engine]([engine]), max_queue=4, max_batch_size=2, metrics=WorkerMetrics())
+
+    async def scenario() -> list[Any]:
+        return list(await asyncio.gather(*(scheduler.generate(images(2), f"r{i}") for i in range(2))))
+
+    scheduler.start()
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert results == [[None, None]] * 2
+    assert scheduler.images_admitted == 0
