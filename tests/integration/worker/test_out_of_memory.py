@@ -41,6 +41,8 @@ from support.engines import ObservedEngine, OutOfMemoryWhen, observed_loader
 
 pytestmark = pytest.mark.integration
 
+LAPSE = 3.0  # seconds a learned batch limit lasts in the lapse test (the worker's: 600)
+
 WorkerFactory = Callable[..., str]
 
 
@@ -127,14 +129,16 @@ def test_a_size_and_guidance_that_ran_out_are_then_batched_smaller_others_are_no
 def test_a_learned_limit_lapses_and_the_full_batch_is_tried_again(
     tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """On the scheduler itself, with a 0.5 s lapse instead of the worker's 600 s."""
+    """On the scheduler itself, with a 3 s lapse instead of the worker's 600 s. r1's halves and r2
+    (four tiny calls, about 0.1 s each) must run before the lapse: with 0.5 s a loaded machine
+    once let it lapse during r2; 3 s leaves a wide margin and costs 3 s."""
     caplog.set_level(logging.INFO, logger="diffusion_worker.scheduler")
     (engine,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
     assert isinstance(engine, DiffusersEngine)
     failing = OutOfMemoryWhen(engine, lambda call: len(call["prompt"]) > 2)
     observed = ObservedEngine(engine, gated=False)
     scheduler = Scheduler(
-        [observed], max_queue=16, max_batch_size=4, metrics=WorkerMetrics(), learned_limit_seconds=0.5
+        [observed], max_queue=16, max_batch_size=4, metrics=WorkerMetrics(), learned_limit_seconds=LAPSE
     )
     batch = GenerationBatch(
         prompts=["p"] * 4,
@@ -150,7 +154,7 @@ def test_a_learned_limit_lapses_and_the_full_batch_is_tried_again(
         scheduler.start()
         await scheduler.generate(batch, "r1")
         await scheduler.generate(batch, "r2")
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(LAPSE + 0.1)  # the limit was learned before r1 returned
         failing.restore()
         await scheduler.generate(batch, "r3")
 
