@@ -82,7 +82,7 @@ async def _resync_forever(
         await asyncio.sleep(interval)
         for namespace, name in list(services):
             try:
-                await asyncio.to_thread(_pass_on_fresh_owner, memo, namespace, name, post_through_own_client)
+                await asyncio.to_thread(_converge, memo, namespace, name, post_through_own_client)
             except (ApiError, kopf.TemporaryError) as exc:
                 LOGGER.warning("resync of %s/%s failed, next round retries: %s", namespace, name, exc)
             except Exception:  # the loop must outlive any one service's bug
@@ -153,13 +153,6 @@ def _converge(memo: kopf.Memo, namespace: str, name: str, post: EventPoster) -> 
     return outcome
 
 
-def _pass_on_fresh_owner(
-    memo: kopf.Memo, namespace: str, name: str, post: EventPoster = post_through_kopf
-) -> None:
-    """A pass for a trigger that is not the service itself (resync, child events)."""
-    _converge(memo, namespace, name, post)
-
-
 def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Converge the children on create, on every spec change, and when the operator starts.
 
@@ -184,7 +177,7 @@ def child_changed(
     if type is None or not name or not namespace:
         return  # the initial listing: resume already reconciles every service
     try:
-        _pass_on_fresh_owner(memo, namespace, name)
+        _converge(memo, namespace, name, post_through_kopf)
     except (ApiError, kopf.TemporaryError) as exc:
         # Event handlers are not retried: the resync loop or the next event will try again.
         logger.warning("could not reconcile %s/%s after a child change: %s", namespace, name, exc)

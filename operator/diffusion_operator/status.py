@@ -50,18 +50,25 @@ def _deadline_exceeded(deployment: Mapping[str, Any]) -> Mapping[str, Any] | Non
     return progressing if stalled else None
 
 
-def _serving(spec: ServiceSpec, deployment: Mapping[str, Any]) -> bool:
-    """All `spec.replicas` pods of the Deployment's current generation are available (replicas > 0)."""
+def _only_current_template(deployment: Mapping[str, Any], desired: int) -> bool:
+    """The Deployment has seen its current generation and runs `desired` pods of that template
+    and no others."""
     status = deployment.get("status") or {}
-    desired = spec.replicas
-    rolled_out = (
+    return (
         int(status.get("observedGeneration", 0)) >= int(deployment["metadata"].get("generation", 1))
         and int(status.get("updatedReplicas", 0)) >= desired
         and int(status.get("replicas", 0)) == int(status.get("updatedReplicas", 0))
-        and int(status.get("availableReplicas", 0)) >= desired
     )
+
+
+def _serving(spec: ServiceSpec, deployment: Mapping[str, Any]) -> bool:
+    """All `spec.replicas` pods of the Deployment's current generation are available (replicas > 0)."""
+    desired = spec.replicas
     return (
-        desired > 0 and rolled_out and _deployment_condition(deployment, "Available").get("status") == "True"
+        desired > 0
+        and _only_current_template(deployment, desired)
+        and int((deployment.get("status") or {}).get("availableReplicas", 0)) >= desired
+        and _deployment_condition(deployment, "Available").get("status") == "True"
     )
 
 
@@ -70,13 +77,9 @@ def _rolled_out_before(deployment: Mapping[str, Any], desired: int) -> bool:
     NewReplicaSetAvailable at its current generation) and runs only that template's pods: pods
     missing now were lost after the rollout, and the Deployment's progress deadline, which never
     fires after a completed rollout, will not turn a failure into RolloutStalled."""
-    status = deployment.get("status") or {}
     progressing = _deployment_condition(deployment, "Progressing")
-    return (
-        int(status.get("observedGeneration", 0)) >= int(deployment["metadata"].get("generation", 1))
-        and progressing.get("reason") == "NewReplicaSetAvailable"
-        and int(status.get("updatedReplicas", 0)) >= desired
-        and int(status.get("replicas", 0)) == int(status.get("updatedReplicas", 0))
+    return progressing.get("reason") == "NewReplicaSetAvailable" and _only_current_template(
+        deployment, desired
     )
 
 
@@ -178,24 +181,15 @@ def _degraded(desired: int, available: int, problem: tuple[str, str] | None) -> 
     not Progressing. Pods being replaced, waiting for a GPU or for quota are Reconciling: the
     Deployment is working on it, as it is after a node drain."""
     message = f"{available}/{desired} worker pods available after the rollout completed"
-    if problem is None:
-        return Verdict(
-            ready=(False, c.REASON_WORKERS_UNAVAILABLE, message),
-            reconciling=(True, c.REASON_WORKERS_UNAVAILABLE, message),
-            stalled=(False, c.REASON_AS_EXPECTED, ""),
-        )
-    reason, detail = problem
-    message = f"{message}; {detail}"
-    if reason == c.REASON_WORKER_FAILING:
-        return Verdict(
-            ready=(False, reason, message),
-            reconciling=(False, reason, message),
-            stalled=(True, reason, message),
-        )
+    reason = c.REASON_WORKERS_UNAVAILABLE
+    if problem is not None:
+        reason, detail = problem
+        message = f"{message}; {detail}"
+    failing = reason == c.REASON_WORKER_FAILING
     return Verdict(
         ready=(False, reason, message),
-        reconciling=(True, reason, message),
-        stalled=(False, c.REASON_AS_EXPECTED, ""),
+        reconciling=(not failing, reason, message),
+        stalled=(True, reason, message) if failing else (False, c.REASON_AS_EXPECTED, ""),
     )
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import io
 import math
 import os
@@ -14,6 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from diffusion_worker.logs import in_pool_with_request_id
 from diffusion_worker.png import encode_pngs
 
 DEFAULT_COMPRESSION = 100
@@ -92,8 +91,7 @@ class ImageEncoder:
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """`function(*args)`, blocking work that encodes, on the encoder's caller threads."""
-        in_context = contextvars.copy_context().run  # its log lines carry the request id
-        return await asyncio.get_running_loop().run_in_executor(self._callers, in_context, function, *args)
+        return await in_pool_with_request_id(self._callers, function, *args)
 
     def encode(
         self, images: Sequence[Any], output_format: str, compression: int | None = None

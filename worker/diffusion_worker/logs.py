@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+T = TypeVar("T")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
@@ -16,6 +22,13 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         return True
+
+
+def in_pool_with_request_id(pool: Executor, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """`function(*args)` on `pool`, in a copy of the caller's context, so its log lines carry the
+    request id (what asyncio.to_thread does, on a pool of the caller's choosing)."""
+    in_context = contextvars.copy_context().run
+    return asyncio.get_running_loop().run_in_executor(pool, in_context, function, *args)
 
 
 def configure_logging(level: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
 import re
@@ -12,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from diffusion_worker.logs import describe_error
+from diffusion_worker.logs import describe_error, in_pool_with_request_id
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +109,10 @@ class ImageStore:
         for a thread never starts, and the thread running one removes what it wrote once its
         current write returns. Either way nothing of the request stays in storage."""
         upload = Upload()
-        in_context = contextvars.copy_context().run  # the upload's log lines carry the request id
-        future = asyncio.get_running_loop().run_in_executor(
-            self._uploads, in_context, self.write_and_sign, items, request_base_url, upload
-        )
         try:
-            return await future
+            return await in_pool_with_request_id(
+                self._uploads, self.write_and_sign, items, request_base_url, upload
+            )
         except asyncio.CancelledError:
             if not upload.abandon():  # it had just finished: its URLs will reach nobody
                 self._uploads.submit(self._remove, [self._path(key) for key, _, _ in items])

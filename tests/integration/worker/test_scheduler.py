@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_worker.engine import GenerationBatch, KeepGoing, ModelInfo, load_engines
+from diffusion_worker.engine import GenerationBatch, KeepGoing, load_engines
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.previews import PreviewPlan
 from diffusion_worker.scheduler import Scheduler
 from diffusion_worker.settings import WorkerSettings
 from support.engines import ObservedEngine, observed_loader
+from support.stand_in import STAND_IN_INFO
 from support.worker_server import worker_process
 
 pytestmark = pytest.mark.integration
@@ -153,7 +154,7 @@ class HoldingEngine:
     batch whose prompt has a gate in `holds` until the test sets it; no pipeline (only which engine
     runs what matters)."""
 
-    info = ModelInfo("StandIn", (64, 64), 2, 7.5, supports_negative_prompt=True, supports_guidance_scale=True)
+    info = STAND_IN_INFO
 
     def __init__(self, name: str, holds: dict[str, threading.Event], entered: threading.Event) -> None:
         self.device = name

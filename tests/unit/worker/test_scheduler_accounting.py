@@ -11,19 +11,18 @@ from typing import Any
 
 import pytest
 
-from diffusion_worker.engine import Engine, GenerationBatch, KeepGoing, ModelInfo
+from diffusion_worker.engine import Engine, GenerationBatch, KeepGoing
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.previews import PreviewPlan
 from diffusion_worker.scheduler import QueueFullError, Scheduler
-
-INFO = ModelInfo("StandIn", (64, 64), 2, 7.5, supports_negative_prompt=True, supports_guidance_scale=True)
+from support.stand_in import STAND_IN_INFO
 
 
 class GatedEngine:
     """Sets `entered` when a batch starts and holds it until `gate` opens (ignoring keep_going, as
     a pipeline does between two step callbacks)."""
 
-    info = INFO
+    info = STAND_IN_INFO
     device = "stand-in"
 
     def __init__(self) -> None:

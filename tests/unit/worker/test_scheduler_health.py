@@ -15,28 +15,21 @@ import pytest
 from fastapi.testclient import TestClient
 
 from diffusion_worker.app import build_app
-from diffusion_worker.engine import DeviceOutOfMemoryError, Engine, GenerationBatch, KeepGoing, ModelInfo
+from diffusion_worker.engine import DeviceOutOfMemoryError, Engine, GenerationBatch, KeepGoing
 from diffusion_worker.errors import APIError
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.previews import PreviewPlan
 from diffusion_worker.scheduler import FAILURES_BEFORE_REMOVAL, Scheduler
 from diffusion_worker.settings import WorkerSettings
+from support.stand_in import STAND_IN_INFO
 
-INFO = ModelInfo(
-    pipeline_class="StandIn",
-    default_size=(64, 64),
-    default_steps=2,
-    default_guidance_scale=7.5,
-    supports_negative_prompt=True,
-    supports_guidance_scale=True,
-)
 DEVICE_FAULT = "CUDA error: an illegal memory access was encountered"
 
 
 class StandInEngine:
     """Call number i (from 1) raises `outcome(i)`, or succeeds after `seconds` when that is None."""
 
-    info = INFO
+    info = STAND_IN_INFO
 
     def __init__(self, outcome: Callable[[int], BaseException | None], *, seconds: float = 0.0) -> None:
         self.device = "stand-in"
