@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -47,6 +48,30 @@ def running_worker(
     finally:
         server.should_exit = True
         thread.join(timeout=60)
+
+
+def wait_for_queued_images(url: str, count: int, timeout: float = 120) -> None:
+    """Until the worker reports `count` images queued or running."""
+    deadline = time.monotonic() + timeout
+    while f"diffusion_worker_queue_images {count:.1f}" not in httpx.get(f"{url}/metrics", timeout=60).text:
+        assert time.monotonic() < deadline, f"{count} images were never queued"
+        time.sleep(0.02)
+
+
+def post_queued(
+    url: str, body: dict[str, Any], results: dict[str, httpx.Response], name: str, *, queued_after: int
+) -> threading.Thread:
+    """POST `body` to the images route from a thread (its response lands in `results[name]`);
+    return once the worker reports `queued_after` images queued or running, so requests sent one
+    after another queue in that order."""
+
+    def post() -> None:
+        results[name] = httpx.post(f"{url}/v1/images/generations", json=body, timeout=60)
+
+    thread = threading.Thread(target=post, name=f"post-{name}")
+    thread.start()
+    wait_for_queued_images(url, queued_after, timeout=30)
+    return thread
 
 
 def free_port() -> int:

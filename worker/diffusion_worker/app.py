@@ -36,7 +36,7 @@ from diffusion_worker.protocol import (
     ImageGenerationRequest,
     ImagesResponse,
 )
-from diffusion_worker.scheduler import Scheduler, no_engine_left_error
+from diffusion_worker.scheduler import Scheduler, device_failed_error
 from diffusion_worker.serving import ImageGenerationService
 from diffusion_worker.settings import WorkerSettings
 from diffusion_worker.storage import ImageStore
@@ -167,7 +167,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         # Liveness: with every engine out of rotation only a restart helps (a CUDA error such as an
         # illegal memory access lasts as long as the process). While the model loads it is alive.
         if not has_working_engine(request):
-            return no_engine_left_error().response()
+            return device_failed_error().response()
         return JSONResponse({"status": "ok"})
 
     @app.get(
@@ -183,7 +183,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         if scheduler is None:
             return APIError(503, "The model is loading", type="service_unavailable").response()
         if not has_working_engine(request):
-            return no_engine_left_error().response()
+            return device_failed_error().response()
         if scheduler.saturated:
             full = APIError(503, "The queue is full", type="service_unavailable", code="queue_full")
             return full.response()

@@ -73,6 +73,12 @@ class WorkerMetrics:
             "Batches that ran out of device memory and were retried as two smaller batches.",
             registry=self.registry,
         )
+        self.isolated_batch_retries = Counter(
+            "diffusion_worker_isolated_batch_retries",
+            "Batches of several requests whose pipeline call failed (not out of memory) and were "
+            "retried one request at a time, so only a request at fault fails.",
+            registry=self.registry,
+        )
         self.failed = Counter(
             "diffusion_worker_failed_requests",
             "Requests that failed, by reason: out_of_memory, pipeline_error (the pipeline call raised), "

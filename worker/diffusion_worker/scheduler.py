@@ -21,10 +21,15 @@ half for LEARNED_LIMIT_SECONDS, so later batches do not pay for a failed call ea
 in the VAE decode has run every denoising step first); after that the full size is tried again,
 in case memory was short only for a while (fragmentation, another process on the GPU).
 
+Any other failure of a batch holding several requests: each request is run again alone on the same
+engine, so a request whose input makes the pipeline raise fails alone and its batch-mates still get
+their images (the same images: per-image generators).
+
 A broken device: an engine whose calls fail FAILURES_BEFORE_REMOVAL times in a row (any error but
-out of memory or cancellation) leaves rotation, its thread stops taking batches, so a device that
-fails in milliseconds no longer wins most races for the queue. With no engine left, queued and new
-work fails at once with a 503 and `/ready` and `/health` answer 503 (the kubelet restarts the pod).
+out of memory or cancellation; a retried batch counts its one-request calls, not itself) leaves
+rotation, its thread stops taking batches, so a device that fails in milliseconds no longer wins
+most races for the queue. With no engine left, queued and new work fails at once with a 503 and
+`/ready` and `/health` answer 503 (the kubelet restarts the pod).
 """
 
 from __future__ import annotations
@@ -48,10 +53,10 @@ from diffusion_worker.previews import PreviewPlan, preview_steps
 log = logging.getLogger(__name__)
 
 LEARNED_LIMIT_SECONDS = 600.0
-# Consecutive failed calls that take an engine out of rotation. One failure may be the batch (an
-# input that slipped past validation, a transient error) and costs only that batch; three in a row,
-# with no success between, is the device (a sticky CUDA error such as an illegal memory access
-# fails every later call in the process) and costs two more batches before the engine stops.
+# Consecutive failed calls that take an engine out of rotation. One failure may be the request (an
+# input that slipped past validation, a transient error) and costs only that request; three in a
+# row, with no success between, is the device (a sticky CUDA error such as an illegal memory access
+# fails every later call in the process) and costs two more calls before the engine stops.
 FAILURES_BEFORE_REMOVAL = 3
 
 PartialSink = Callable[[int, int, Any], None]
@@ -66,17 +71,21 @@ class SchedulerClosedError(Exception):
     """The scheduler is shutting down and takes no new work."""
 
 
-def no_engine_left_error() -> APIError:
-    """503 for work that no engine can run any more. An APIError, not a scheduler exception that
-    serving translates, so a job already queued when the last engine leaves gets it too (serving
-    lets APIError through from `wait` as it is)."""
-    return APIError(
-        503,
-        f"Every device of this worker failed {FAILURES_BEFORE_REMOVAL} generations in a row and was "
-        "taken out of service; the worker reports itself unhealthy. Retry on another replica",
-        type="service_unavailable",
-        code="device_failed",
-    )
+def device_failed_error(engines_left: int = 0) -> APIError:
+    """503 for work that an engine leaving rotation stranded, or that no engine can run any more.
+    An APIError, not a scheduler exception that serving translates, so a job already queued gets it
+    too (serving lets APIError through from `wait` as it is)."""
+    if engines_left:
+        message = (
+            f"The device running this request failed {FAILURES_BEFORE_REMOVAL} generations in a row and "
+            "was taken out of service before the request ran; retry"
+        )
+    else:
+        message = (
+            f"Every device of this worker failed {FAILURES_BEFORE_REMOVAL} generations in a row and was "
+            "taken out of service; the worker reports itself unhealthy. Retry on another replica"
+        )
+    return APIError(503, message, type="service_unavailable", code="device_failed")
 
 
 @dataclass(eq=False)
@@ -211,7 +220,7 @@ class Scheduler:
                 raise SchedulerClosedError("the worker is shutting down")
             if not self.engines_in_rotation:
                 self.metrics.rejected.labels(reason="device_failed").inc()
-                raise no_engine_left_error()
+                raise device_failed_error()
             if self._admitted + len(batch) > self._max_queue:
                 raise QueueFullError(
                     f"{self._admitted} images are queued or running and this request adds {len(batch)}; "
@@ -364,7 +373,10 @@ class Scheduler:
             self.metrics.queue_depth.set(admitted)
 
     def _attempt(self, slot: _EngineSlot, slices: list[_Slice]) -> None:
-        """One pipeline call for `slices`; out of memory with more than one image, two smaller ones."""
+        """One pipeline call for `slices`. Out of memory with more than one image: two smaller calls.
+        Any other failure with more than one request in the batch: a call per request, on this
+        engine, so only a request that fails alone fails (those behind one this engine's removal
+        stranded get 503 device_failed)."""
         slices = [piece for piece in slices if not piece.job.cancelled]
         if not slices:
             return
@@ -397,16 +409,23 @@ class Scheduler:
                     self._learned_limit_seconds,
                 )
                 self.metrics.out_of_memory_splits.inc()
-                halves = split_slices(slices, half)
+                parts = list(split_slices(slices, half))
             else:
                 log.warning("batch of %d failed: %s", len(batch), exc)  # expected under load: no traceback
                 self._fail_jobs(jobs, exc)
                 return
         except BaseException as exc:
             log_failure(log, f"generation failed on {slot.engine.device}", exc)
-            self._fail_jobs(jobs, exc)
-            self._count_failure(slot, exc)
-            return
+            if len(jobs) == 1:
+                self._fail_jobs(jobs, exc)
+                self._count_failure(slot, exc)
+                return
+            log.warning(
+                "retrying the failed batch's %d requests one at a time, so only a request at fault fails",
+                len(jobs),
+            )
+            self.metrics.isolated_batch_retries.inc()
+            parts = [[piece for piece in slices if piece.job is job] for job in jobs]
         else:
             slot.consecutive_failures = 0
             self.metrics.generation_seconds.observe(time.perf_counter() - started)
@@ -415,20 +434,24 @@ class Scheduler:
             return
         finally:
             request_id_var.reset(token)
-        # Outside the except block: nothing of the failed call is referenced while the halves run.
-        for part in halves:
-            self._attempt(slot, part)
+        # Outside the except block: nothing of the failed call is referenced while the parts run.
+        for part in parts:
+            if slot.in_rotation:
+                self._attempt(slot, part)
+            else:  # the parts before, run alone, took it out: the device is at fault, not this part
+                self._fail_device_failed(list(dict.fromkeys(piece.job for piece in part)))
 
     def _count_failure(self, slot: _EngineSlot, error: BaseException) -> None:
         """One more failed call in a row for `slot`; at FAILURES_BEFORE_REMOVAL it leaves rotation.
 
-        The failed batch is not retried on another engine: after one failure nobody knows whether
-        the batch or the device is at fault, and a retry would spend a second device on work that
-        may be bad and let one bad request strike every engine in turn. Without retries a request
-        strikes only the engine that ran it (its other images are dropped with it), and removal
-        takes a run of failures with no success between on one engine, which is what a broken
-        device does while the other engines keep serving the same queue. The price: that many bad
-        requests in a row landing on one engine remove it too."""
+        Counted per request: a failed batch of several requests is retried one request at a time
+        on the same engine (`_attempt`), and each of those calls counts, so one bad request costs a
+        failure and its batch-mates' successes reset the run. Nothing is retried on another engine:
+        after a failure alone nobody knows whether the request or the device is at fault, and a
+        retry elsewhere would spend a second device on work that may be bad and let one bad request
+        strike every engine in turn. Removal takes a run of failures with no success between on one
+        engine, which is what a broken device does while the other engines keep serving the same
+        queue. The price: that many bad requests in a row landing on one engine remove it too."""
         with self._condition:
             slot.consecutive_failures += 1
             if slot.consecutive_failures < FAILURES_BEFORE_REMOVAL or not slot.in_rotation:
@@ -453,8 +476,13 @@ class Scheduler:
                 "now answer 503 so the pod is restarted",
                 len(stranded),
             )
-            self.metrics.failed.labels(reason="device_failed").inc(len(stranded))
-            self._fail_jobs(stranded, no_engine_left_error())
+            self._fail_device_failed(stranded)
+
+    def _fail_device_failed(self, jobs: list[_Job]) -> None:
+        """Fail work that an engine leaving rotation stranded: 503 device_failed."""
+        if jobs:
+            self.metrics.failed.labels(reason="device_failed").inc(len(jobs))
+            self._fail_jobs(jobs, device_failed_error(self.engines_in_rotation))
 
     def _drop_pending(self) -> list[_Job]:
         """Empty the queue, returning its jobs. Called with the condition held."""

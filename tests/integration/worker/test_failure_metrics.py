@@ -1,5 +1,6 @@
 """How failed requests are counted and logged: the real worker and pipeline, a failure injected into
-one pipeline call (support.engines.ObservedEngine.fail_next)."""
+one pipeline call (support.engines.ObservedEngine.fail_next), or into every call holding a given
+prompt (support.engines.RaisesWhen)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from support.engines import ObservedEngine, observed_loader
+from diffusion_worker.engine import DiffusersEngine
+from support.engines import ObservedEngine, RaisesWhen, observed_loader
+from support.worker_server import post_queued
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +56,38 @@ def test_a_failed_streamed_request_is_counted_like_a_plain_one(start_worker: Wor
         text = "".join(response.iter_text())
     assert "event: error" in text and "server_error" in text
     assert counted(url, PIPELINE_FAILURES) == 1
+
+
+def test_a_request_the_pipeline_cannot_take_fails_alone_and_its_batch_mates_get_their_images(
+    start_worker: WorkerFactory,
+) -> None:
+    """It shares a batch with another request's two images; before, all three failed with 500."""
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=True), max_batch_size=4)
+    real = engines[0].inner
+    assert isinstance(real, DiffusersEngine)
+    RaisesWhen(real, lambda call: "bad" in call["prompt"])
+    fine = {**BODY, "prompt": "fine", "n": 2, "nvext": {"num_inference_steps": 1, "seed": 7}}
+    results: dict[str, httpx.Response] = {}
+    blocker = post_queued(url, {**BODY, "prompt": "x"}, results, "blocker", queued_after=1)
+    assert engines[0].entered.wait(30)  # the engine is busy; the next two requests queue up together
+    threads = [
+        post_queued(url, {**BODY, "prompt": "bad"}, results, "bad", queued_after=2),
+        post_queued(url, fine, results, "fine", queued_after=4),
+    ]
+    engines[0].gate.set()
+    for thread in [blocker, *threads]:
+        thread.join(60)
+    assert [batch.prompts for batch in engines[0].batches] == [
+        ["x"],
+        ["bad", "fine", "fine"],
+        ["bad"],
+        ["fine", "fine"],
+    ]
+    assert (results["bad"].status_code, results["bad"].json()["error"]["code"]) == (500, "internal_error")
+    assert results["fine"].status_code == 200 and results["blocker"].status_code == 200
+    alone = httpx.post(f"{url}/v1/images/generations", json=fine, timeout=60)
+    images = [[d["b64_json"] for d in response.json()["data"]] for response in (results["fine"], alone)]
+    assert images[0] == images[1], "the same images as the request gets when it runs alone"
+    assert counted(url, PIPELINE_FAILURES) == 1
+    assert counted(url, "diffusion_worker_isolated_batch_retries_total") == 1

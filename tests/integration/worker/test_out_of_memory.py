@@ -14,8 +14,6 @@ import asyncio
 import base64
 import io
 import logging
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.scheduler import Scheduler
 from diffusion_worker.settings import WorkerSettings
 from support.engines import ObservedEngine, OutOfMemoryWhen, observed_loader
+from support.worker_server import post_queued
 
 pytestmark = pytest.mark.integration
 
@@ -208,22 +207,12 @@ def test_only_the_request_whose_image_does_not_fit_fails_the_one_sharing_its_bat
     url = start_worker(engine_loader=observed_loader(engines, gated=True), max_batch_size=4)
     OutOfMemoryWhen(real_engine(engines), lambda call: "huge" in call["prompt"])
     results: dict[str, httpx.Response] = {}
-
-    def send(name: str, body: dict[str, Any], queued_after: int) -> threading.Thread:
-        """Post from a thread; return once the queue holds `queued_after` images (keeps the order)."""
-        thread = threading.Thread(target=lambda: results.__setitem__(name, post(url, body)))
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not metric(url, f"diffusion_worker_queue_images {queued_after}.0"):
-            assert time.monotonic() < deadline, f"{name} was not queued"
-            time.sleep(0.02)
-        return thread
-
-    blocker = send("blocker", {"prompt": "x", "response_format": "b64_json"}, queued_after=1)
+    b64 = {"response_format": "b64_json"}
+    blocker = post_queued(url, {**b64, "prompt": "x"}, results, "blocker", queued_after=1)
     assert engines[0].entered.wait(30)  # the engine is busy; the next two requests queue up together
     threads = [
-        send("huge", {"prompt": "huge", "response_format": "b64_json"}, queued_after=2),
-        send("fine", {"prompt": "fine", "n": 2, "response_format": "b64_json"}, queued_after=4),
+        post_queued(url, {**b64, "prompt": "huge"}, results, "huge", queued_after=2),
+        post_queued(url, {**b64, "prompt": "fine", "n": 2}, results, "fine", queued_after=4),
     ]
     engines[0].gate.set()
     for thread in [blocker, *threads]:

@@ -26,7 +26,7 @@ from diffusion_worker.scheduler import Scheduler
 from diffusion_worker.settings import WorkerSettings
 from support.engines import ObservedEngine, observed_loader
 from support.stand_in import STAND_IN_INFO
-from support.worker_server import worker_process
+from support.worker_server import wait_for_queued_images, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -299,11 +299,3 @@ def test_requests_still_running_when_the_drain_time_runs_out_get_503_error_objec
         stderr = worker.log()
         assert "cancelled at shutdown; answered 503" in stderr
         assert "Exception in ASGI application" not in stderr
-
-
-def wait_for_queued_images(url: str, count: int, timeout: float = 120) -> None:
-    """Until the worker reports `count` images queued or running."""
-    deadline = time.monotonic() + timeout
-    while f"diffusion_worker_queue_images {count:.1f}" not in httpx.get(f"{url}/metrics", timeout=60).text:
-        assert time.monotonic() < deadline, f"{count} images were never queued"
-        time.sleep(0.02)

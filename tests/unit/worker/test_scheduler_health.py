@@ -175,3 +175,72 @@ def test_ready_and_health_answer_503_once_no_engine_is_left(tmp_path: Path) -> N
             answer = client.get(probe)
             assert (answer.status_code, answer.json()["error"]["code"]) == (503, "device_failed"), probe
         assert "diffusion_worker_engines_in_rotation 0.0" in client.get("/metrics").text
+
+
+class RefusesPrompt:
+    """A stand-in pipeline that raises for any batch holding `prompt` (an input that slipped past
+    validation) and otherwise returns "prompt/seed" per image, so each request's images are known."""
+
+    info = STAND_IN_INFO
+
+    def __init__(self, prompt: str) -> None:
+        self.device = "stand-in"
+        self.prompt = prompt
+        self.batches: list[list[str]] = []
+
+    def generate(
+        self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
+    ) -> list[Any]:
+        self.batches.append(list(batch.prompts))
+        if self.prompt in batch.prompts:
+            raise ValueError(f"cannot take {self.prompt!r}")
+        return [f"{prompt}/{seed}" for prompt, seed in zip(batch.prompts, batch.seeds, strict=True)]
+
+    def close(self) -> None:
+        pass
+
+
+def run_batched(engine: Any, prompts: list[str]) -> tuple[Scheduler, list[Any]]:
+    """One single-image request per prompt, all queued before the engine's thread starts, so they
+    share one batch; the scheduler and each request's images or error, in order."""
+    scheduler = Scheduler([engine], max_queue=64, max_batch_size=len(prompts), metrics=WorkerMetrics())
+
+    async def scenario() -> list[Any]:
+        waiting = [
+            scheduler.generate(GenerationBatch([prompt], None, 64, 64, 2, 7.5, [seed]), f"r{seed}")
+            for seed, prompt in enumerate(prompts)
+        ]
+        work = asyncio.gather(*waiting, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        scheduler.start()
+        return list(await asyncio.wait_for(work, timeout=30))
+
+    try:
+        return scheduler, asyncio.run(scenario())
+    finally:
+        scheduler.close()
+
+
+def test_a_request_that_makes_the_pipeline_raise_fails_alone_and_its_batch_mates_get_their_images() -> None:
+    """Before, one bad request failed every request batched with it (500 for all four)."""
+    engine = RefusesPrompt("bad")
+    scheduler, outcomes = run_batched(engine, ["a", "bad", "c", "d"])
+    assert outcomes[0] == ["a/0"] and outcomes[2] == ["c/2"] and outcomes[3] == ["d/3"]
+    assert isinstance(outcomes[1], ValueError)
+    assert engine.batches == [["a", "bad", "c", "d"], ["a"], ["bad"], ["c"], ["d"]]
+    assert scheduler.engines_in_rotation == 1, "the batch-mates' successes show the device works"
+    assert scheduler.metrics.registry.get_sample_value("diffusion_worker_isolated_batch_retries_total") == 1
+
+
+def test_a_broken_device_running_a_batch_alone_per_request_still_leaves_rotation() -> None:
+    """Each one-request retry counts; the failures reach the limit within the batch, and the request
+    left over is not run on the engine that was just taken out: 503 device_failed."""
+    broken = broken_device()
+    scheduler, outcomes = run_batched(broken, [f"p{i}" for i in range(FAILURES_BEFORE_REMOVAL + 1)])
+    ran, stranded = outcomes[:FAILURES_BEFORE_REMOVAL], outcomes[FAILURES_BEFORE_REMOVAL]
+    assert broken.calls == 1 + FAILURES_BEFORE_REMOVAL, "the batch, then one call per request until removal"
+    assert all(DEVICE_FAULT in str(error) for error in ran)
+    assert isinstance(stranded, APIError) and (stranded.status_code, stranded.code) == (503, "device_failed")
+    assert scheduler.engines_in_rotation == 0
+    sample = scheduler.metrics.registry.get_sample_value
+    assert sample("diffusion_worker_failed_requests_total", {"reason": "device_failed"}) == 1
