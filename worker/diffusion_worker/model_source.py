@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,28 +99,94 @@ def _builtin_model_dir(name: str, cache_dir: Path) -> Path:
         names = sorted([*BUILTIN_MODELS, *PACKAGED_MODELS])
         known = ", ".join(BUILTIN_PREFIX + known_name for known_name in names)
         raise ModelSourceError(f"--model {BUILTIN_PREFIX}{name}: unknown built-in model; known: {known}")
-    directory = cache_dir / "builtin" / name
-    if not (directory / "model_index.json").is_file():
-        log.info("building built-in model %s into %s", name, directory)
-        if directory.exists():
-            shutil.rmtree(directory)
-        builder(directory)
-    return directory
+    return _materialised(cache_dir / "builtin" / name, builder, f"built-in model {name}")
 
 
 def _download_remote_model(uri: str, cache_dir: Path) -> Path:
     import fsspec
 
     local = cache_dir / "remote" / re.sub(r"[^A-Za-z0-9._-]+", "_", uri)
-    if (local / "model_index.json").is_file():
+    if _complete(local):
         log.info("using cached copy of %s at %s", uri, local)
         return local
     fs, root = fsspec.core.url_to_fs(uri)
-    if not fs.exists(f"{root.rstrip('/')}/model_index.json"):
+    root = root.rstrip("/")
+    if not fs.exists(f"{root}/model_index.json"):
         raise ModelSourceError(f"--model {uri!r}: no diffusers pipeline there (model_index.json not found)")
-    staging = local.with_name(local.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    log.info("downloading %s to %s", uri, local)
-    fs.get(root.rstrip("/") + "/", str(staging) + "/", recursive=True)
-    staging.replace(local)
-    return local
+
+    def download(staging: Path) -> None:
+        try:
+            fs.get(f"{root}/", f"{staging}/", recursive=True)
+        except Exception as exc:
+            raise ModelSourceError(f"--model {uri!r}: download failed: {type(exc).__name__}: {exc}") from exc
+
+    return _materialised(local, download, uri)
+
+
+def _complete(directory: Path) -> bool:
+    """True once `directory` holds a pipeline: cached copies are only ever renamed into place whole,
+    so a model_index.json there means every file is."""
+    return (directory / "model_index.json").is_file()
+
+
+def _materialised(directory: Path, make: Callable[[Path], Any], what: str) -> Path:
+    """`directory`, made by `make(staging)` unless it is already there.
+
+    Processes that share the cache may start together: replicas on one ReadWriteMany volume, the
+    ranks of a context-parallel worker. A lock file next to `directory` lets one of them make it
+    while the others wait and then find it, so a model is downloaded once. Each maker writes into a
+    staging directory of its own and renames it into place, so `directory` appears whole or not at
+    all: on a filesystem without locks two processes may both make it, but never mix their files."""
+    if _complete(directory):
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(directory, what) as locked:
+        if _complete(directory):
+            log.info("%s: another process put it at %s", what, directory)
+            return directory
+        if locked:  # nobody else writes now: staging left by a process that died goes
+            for stale in directory.parent.glob(f".{directory.name}.partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = directory.with_name(f".{directory.name}.partial-{socket.gethostname()}-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("writing %s to %s", what, directory)
+        try:
+            make(staging)
+            _rename_into_place(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def _rename_into_place(staging: Path, directory: Path) -> None:
+    if directory.exists() and not _complete(directory):
+        shutil.rmtree(directory)  # no model_index.json, so not a copy of ours: left there by hand
+    try:
+        staging.replace(directory)
+    except OSError:
+        if not _complete(directory):
+            raise
+        log.info("%s: another process renamed its copy into place first; keeping that one", directory)
+
+
+@contextmanager
+def _cache_lock(directory: Path, what: str) -> Iterator[bool]:
+    """Hold `.NAME.lock` next to `directory`; yields whether the lock is held (False where the
+    filesystem refuses locks: then every process makes its own copy, see `_materialised`)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(directory.with_name(f".{directory.name}.lock"))
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("waiting for another process to finish writing %s to %s", what, directory)
+            lock.acquire()
+    except (OSError, NotImplementedError) as exc:  # Timeout is an OSError, but was handled above
+        log.warning("cannot lock %s (%s): writing %s without a lock", directory, exc, what)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()

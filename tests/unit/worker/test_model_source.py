@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 from pathlib import Path
 
 import pytest
 
 from diffusion_worker.engine import ModelInfo, with_model_defaults
 from diffusion_worker.model_source import (
+    BUILTIN_MODELS,
     WORKER_DEFAULTS_FILE,
     ModelLocation,
     ModelSourceError,
@@ -67,3 +71,34 @@ def test_shapes_weights_ship_defaults_and_stay_small() -> None:
     assert model_defaults(ModelLocation(str(WEIGHTS_DIR), False))["num_inference_steps"] <= 25
     size = sum(path.stat().st_size for path in WEIGHTS_DIR.rglob("*") if path.is_file())
     assert size <= 20 * 1024 * 1024
+
+
+def test_where_locks_are_refused_each_process_writes_its_own_copy_and_the_first_rename_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No filesystem here refuses locks, so FileLock.acquire is made to fail as one does (ENOLCK),
+    and the other process is played by the builder itself, which puts a complete copy in place
+    while ours is being written."""
+    import filelock
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    target = tmp_path / "builtin" / "fake"
+
+    def build_while_another_process_finishes_first(staging: Path) -> Path:
+        staging.mkdir(parents=True)
+        (staging / "model_index.json").write_text('{"copy": "ours"}')
+        target.mkdir(parents=True)
+        (target / "model_index.json").write_text('{"copy": "theirs"}')
+        return staging
+
+    monkeypatch.setitem(BUILTIN_MODELS, "fake", build_while_another_process_finishes_first)
+    caplog.set_level(logging.INFO)
+    assert resolve_model("builtin:fake", tmp_path) == ModelLocation(str(target), False)
+    assert json.loads((target / "model_index.json").read_text()) == {"copy": "theirs"}
+    assert [path.name for path in (tmp_path / "builtin").iterdir() if not path.name.endswith(".lock")] == [
+        "fake"
+    ], "our staging copy is gone"
+    assert "writing built-in model fake without a lock" in caplog.text
