@@ -38,7 +38,7 @@ from diffusion_worker.protocol import (
 )
 from diffusion_worker.scheduler import Scheduler, device_failed_error
 from diffusion_worker.serving import ImageGenerationService
-from diffusion_worker.settings import WorkerSettings
+from diffusion_worker.settings import WorkerSettings, default_storage_url
 from diffusion_worker.storage import ImageStore
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
             settings.storage_url,
             public_base_url=settings.public_base_url,
             url_expiry_seconds=settings.url_expiry_seconds,
+            remove_expired=settings.storage_url == default_storage_url(),
         )
         encoder = ImageEncoder(settings.encode_threads or default_encode_threads())
         app.state.service = ImageGenerationService(
@@ -77,6 +78,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         app.state.scheduler = scheduler
         app.state.store = store
         scheduler.start()
+        expiry = asyncio.create_task(store.expire_periodically(metrics.expired_images_removed.inc))
         log.info(
             "serving %r as %r on %s",
             settings.model,
@@ -86,6 +88,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
         try:
             yield
         finally:
+            expiry.cancel()
             await asyncio.to_thread(scheduler.close)
             encoder.close()
             store.close()

@@ -79,6 +79,11 @@ class WorkerMetrics:
             "retried one request at a time, so only a request at fault fails.",
             registry=self.registry,
         )
+        self.expired_images_removed = Counter(
+            "diffusion_worker_expired_images_removed",
+            "Images removed from the worker's default local storage because their URL had expired.",
+            registry=self.registry,
+        )
         self.failed = Counter(
             "diffusion_worker_failed_requests",
             "Requests that failed, by reason: out_of_memory, pipeline_error (the pipeline call raised), "

@@ -125,7 +125,8 @@ class WorkerSettings(BaseSettings):
         3600,
         ge=1,
         le=604_800,
-        description="Lifetime of presigned s3:// and gs:// URLs when no --public-base-url is set.",
+        description="Lifetime of presigned s3:// and gs:// URLs when no --public-base-url is set, and of the "
+        "worker's own file URLs with the default --storage-url (their images are then removed).",
     )
     storage_timeout: float = Field(
         60,

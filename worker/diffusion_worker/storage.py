@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,8 @@ PRESIGNING_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
 # Requests whose images are written at once; more wait for a thread (their wait counts towards
 # --storage-timeout). Its own pool: a black-holed endpoint holds these threads, never encoding's.
 UPLOAD_THREADS = 8
+# How often expired images are looked for, at most (and at least every url_expiry_seconds / 4).
+EXPIRY_SWEEP_SECONDS = 300.0
 StoreItem = tuple[str, bytes, str]  # key below the storage root, data, content type
 
 
@@ -65,6 +70,14 @@ class Upload:
             return self._abandoned
 
 
+def _mtime(path: Path) -> float:
+    """Modification time of `path` itself (a link's own, not its target's); +inf once it is gone."""
+    try:
+        return path.lstat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
+
+
 def sanitize_user(user: str | None) -> str:
     """A single safe path segment for `user`: no separators, no dot-only names, bounded length."""
     if not user:
@@ -81,7 +94,16 @@ def image_key(user: str | None, request_id: str, index: int, extension: str) -> 
 class ImageStore:
     """fsspec storage for generated images."""
 
-    def __init__(self, storage_url: str, *, public_base_url: str | None, url_expiry_seconds: int) -> None:
+    def __init__(
+        self,
+        storage_url: str,
+        *,
+        public_base_url: str | None,
+        url_expiry_seconds: int,
+        remove_expired: bool = False,
+    ) -> None:
+        """`remove_expired`: the files are the worker's own (its default local storage), so each is
+        removed once its URL has expired (`expire_periodically`) and the disk does not fill up."""
         import fsspec
 
         self.storage_url = storage_url
@@ -90,6 +112,7 @@ class ImageStore:
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.url_expiry_seconds = url_expiry_seconds
+        self.removes_expired = remove_expired and self.serves_files
         self._uploads = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="upload")
 
     @property
@@ -193,4 +216,51 @@ class ImageStore:
         candidate = Path(os.path.realpath(root / key))
         if not candidate.is_relative_to(root) or candidate == root or not candidate.is_file():
             return None
+        if self.removes_expired and _mtime(candidate) < time.time() - self.url_expiry_seconds:
+            return None  # its URL has expired; the next sweep removes it
         return candidate
+
+    def remove_expired(self, now: float | None = None) -> int:
+        """Remove stored images older than --url-expiry-seconds, and their request's folder once it
+        is empty; returns how many were removed. Only with `removes_expired`; links are removed,
+        never followed. The folders above a request's are left: an upload may be creating one."""
+        if not self.removes_expired:
+            return 0
+        cutoff = (time.time() if now is None else now) - self.url_expiry_seconds
+        root = Path(self.root)
+        removed = 0
+        for folder, _, names in os.walk(root):
+            current = Path(folder)
+            parts = current.relative_to(root).parts
+            # users/{user}/generations/{request_id}, written before the cutoff: no upload adds to it
+            # any more (request ids are unique), so it can go once empty. A newer one may be an
+            # upload's, made a moment before its first file.
+            old_request_folder = len(parts) == 4 and parts[0] == "users" and _mtime(current) < cutoff
+            for name in names:
+                path = current / name
+                if _mtime(path) < cutoff:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed += 1
+            if old_request_folder:
+                with contextlib.suppress(OSError):  # not empty: a file in it is not old yet
+                    current.rmdir()
+        return removed
+
+    async def expire_periodically(self, on_removed: Callable[[int], None]) -> None:
+        """Run `remove_expired` now and then every min(EXPIRY_SWEEP_SECONDS, expiry / 4) seconds,
+        off the event loop, until cancelled; `on_removed(count)` after each sweep that removed any.
+        Returns at once without `removes_expired`."""
+        if not self.removes_expired:
+            return
+        interval = min(EXPIRY_SWEEP_SECONDS, max(1.0, self.url_expiry_seconds / 4))
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.remove_expired)
+            except Exception as exc:
+                log.warning("could not remove expired images under %s: %s", self.root, describe_error(exc))
+            else:
+                if removed:
+                    log.info("removed %d images whose URLs had expired", removed)
+                    on_removed(removed)
+            await asyncio.sleep(interval)

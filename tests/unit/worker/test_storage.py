@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -124,3 +126,65 @@ def test_an_upload_that_finished_first_cannot_be_given_up_on() -> None:
     upload = Upload()
     assert upload.finish()
     assert not upload.abandon()
+
+
+def expiring_store(root: Path, *, remove_expired: bool = True) -> ImageStore:
+    return ImageStore(
+        f"file://{root}", public_base_url=None, url_expiry_seconds=60, remove_expired=remove_expired
+    )
+
+
+def stored(store: ImageStore, key: str, age_seconds: float) -> Path:
+    """Write `key` and make it (and its request folder) `age_seconds` old."""
+    store.write_and_sign([(key, b"png", "image/png")], "http://h/")
+    path = Path(store.root) / key
+    then = time.time() - age_seconds
+    os.utime(path, (then, then))
+    os.utime(path.parent, (then, then))
+    return path
+
+
+def test_images_whose_urls_expired_are_removed_with_their_request_folder(tmp_path: Path) -> None:
+    store = expiring_store(tmp_path / "images")
+    old = [stored(store, f"users/a/generations/old/{i}.png", 61) for i in range(2)]
+    fresh = stored(store, "users/a/generations/new/0.png", 30)
+    assert store.local_file("users/a/generations/old/0.png") is None, "an expired URL is a 404 at once"
+    assert store.local_file("users/a/generations/new/0.png") == fresh
+    assert store.remove_expired() == 2
+    assert not any(path.exists() for path in old) and not old[0].parent.exists()
+    assert fresh.exists()
+    assert (tmp_path / "images" / "users" / "a" / "generations").is_dir(), "folders above a request's stay"
+
+
+def test_a_new_empty_request_folder_is_left_for_the_upload_about_to_write_into_it(tmp_path: Path) -> None:
+    store = expiring_store(tmp_path / "images")
+    just_made = tmp_path / "images" / "users" / "a" / "generations" / "r"
+    just_made.mkdir(parents=True)
+    assert store.remove_expired() == 0
+    assert just_made.is_dir()
+
+
+def test_an_expired_link_is_removed_and_its_target_is_not(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"not ours")
+    store = expiring_store(tmp_path / "images")
+    folder = tmp_path / "images" / "users" / "a" / "generations" / "r"
+    folder.mkdir(parents=True)
+    link = folder / "0.png"
+    link.symlink_to(outside)
+    then = time.time() - 61
+    os.utime(link, (then, then), follow_symlinks=False)
+    assert store.remove_expired() == 1
+    assert not link.is_symlink() and outside.read_bytes() == b"not ours"
+
+
+def test_images_in_a_storage_location_the_user_chose_are_kept(tmp_path: Path) -> None:
+    """Only the worker's default local storage is its own to clean; elsewhere retention is the user's."""
+    kept = expiring_store(tmp_path / "images", remove_expired=False)
+    path = stored(kept, "users/a/generations/old/0.png", 3600)
+    assert kept.remove_expired() == 0 and path.exists()
+    assert kept.local_file("users/a/generations/old/0.png") == path
+    behind_a_cdn = ImageStore(
+        f"file://{tmp_path}/cdn", public_base_url="https://cdn/", url_expiry_seconds=60, remove_expired=True
+    )
+    assert not behind_a_cdn.removes_expired, "URLs through a public base URL do not expire"
