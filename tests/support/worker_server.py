@@ -50,6 +50,15 @@ def running_worker(
         thread.join(timeout=60)
 
 
+def metric_value(url: str, series: str) -> float | None:
+    """The worker's current value of one Prometheus series (`name{labels}` as /metrics prints it);
+    None when /metrics does not list it."""
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
 def wait_for_queued_images(url: str, count: int, timeout: float = 120) -> None:
     """Until the worker reports `count` images queued or running."""
     deadline = time.monotonic() + timeout

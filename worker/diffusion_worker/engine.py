@@ -39,6 +39,11 @@ class DeviceOutOfMemoryError(Exception):
     """A pipeline call ran out of device memory; the memory it held has been released."""
 
 
+class FlaggedImage:
+    """Stands in `generate`'s result for an image the pipeline's safety checker flagged (diffusers
+    has already blacked it out); serving refuses the request that asked for it."""
+
+
 KeepGoing = Callable[[], bool]
 
 
@@ -92,6 +97,8 @@ class ModelInfo:
     # The most images per call that fit in device memory at the default size (check_max_batch);
     # None when not checked.
     max_batch_size: int | None = None
+    # The pipeline runs a safety checker on its output (diffusers' `safety_checker` component).
+    has_safety_checker: bool = False
 
 
 class Engine(Protocol):
@@ -190,6 +197,8 @@ class DiffusersEngine:
             kwargs["cache_dir"] = str(settings.cache_dir / "hub")
             if settings.revision:
                 kwargs["revision"] = settings.revision
+        if not settings.safety_checker:
+            kwargs["safety_checker"] = None  # a component given as None is not loaded
         try:
             pipeline = pipeline_class.from_pretrained(location.name_or_path, **kwargs)
         except Exception as exc:
@@ -244,7 +253,11 @@ class DiffusersEngine:
             failure = f"{self.device} ran out of memory making {images}"
             log.warning("%s: %s", failure, str(exc).splitlines()[0] if str(exc) else "no detail")
         else:
-            return list(output.images)
+            flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(output.images)
+            return [
+                FlaggedImage() if is_flagged else image
+                for image, is_flagged in zip(output.images, flagged, strict=True)
+            ]
         # Out of the except block the traceback (and every activation its frames hold) is gone, so
         # the cache can hand that memory back before the next batch.
         self.release_memory()
@@ -285,6 +298,7 @@ def describe_pipeline(pipeline: Any) -> ModelInfo:
         supports_guidance_scale="guidance_scale" in parameters,
         supports_step_callback="callback_on_step_end" in parameters,
         max_steps=scheduler_step_limit(getattr(pipeline, "scheduler", None)),
+        has_safety_checker=getattr(pipeline, "safety_checker", None) is not None,
     )
 
 

@@ -87,6 +87,7 @@ class WorkerMetrics:
         self.failed = Counter(
             "diffusion_worker_failed_requests",
             "Requests that failed, by reason: out_of_memory, pipeline_error (the pipeline call raised), "
+            "moderation_blocked (the model's safety checker flagged an image), "
             "storage, internal_error (any other exception), shutdown (drain time ran out), device_failed "
             "(queued when the last engine left rotation).",
             ["reason"],

@@ -68,7 +68,11 @@ class ImageGenerationRequest(BaseModel):
         None, description="End-user id; takes precedence over `user` for storage paths and logs."
     )
     background: Background | None = Field(None, description="`auto` or `opaque`; `transparent` is refused.")
-    moderation: Moderation | None = Field(None, description="Accepted; no moderation is applied.")
+    moderation: Moderation | None = Field(
+        None,
+        description="Accepted; either value leaves moderation to the model's own safety checker, "
+        "where it ships one (a flagged image: 400 moderation_blocked).",
+    )
     stream: bool | None = Field(None, description="Answer with server-sent events (b64_json only).")
     partial_images: int | None = Field(
         None, ge=0, le=MAX_PARTIAL_IMAGES, description="Previews per image while streaming (0-3)."

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffusion_worker.encoding import ImageEncoder
-from diffusion_worker.engine import DeviceOutOfMemoryError, GenerationBatch, ModelInfo
+from diffusion_worker.engine import DeviceOutOfMemoryError, FlaggedImage, GenerationBatch, ModelInfo
 from diffusion_worker.errors import APIError, invalid_param
 from diffusion_worker.logs import log_failure
 from diffusion_worker.metrics import WorkerMetrics
@@ -319,7 +319,7 @@ class ImageGenerationService:
 
     async def _wait(self, job: Any) -> list[Any]:
         try:
-            return await asyncio.wait_for(self.scheduler.wait(job), timeout=self.settings.request_timeout)
+            images = await asyncio.wait_for(self.scheduler.wait(job), timeout=self.settings.request_timeout)
         except TimeoutError as exc:
             self.metrics.cancelled.labels(reason="timeout").inc()
             raise APIError(
@@ -345,6 +345,17 @@ class ImageGenerationService:
             # client learns nothing of it (exception text may quote paths or weights).
             self.metrics.failed.labels(reason="pipeline_error").inc()
             raise APIError(500, "Internal server error", type="server_error", code="internal_error") from exc
+        flagged = sum(isinstance(image, FlaggedImage) for image in images)
+        if flagged:
+            self.metrics.failed.labels(reason="moderation_blocked").inc()
+            raise APIError(
+                400,
+                f"Your request was rejected by the model's safety checker: it flagged {flagged} of the "
+                f"{len(images)} images made, and none is returned. Adjust the prompt and retry",
+                type="image_generation_user_error",
+                code="moderation_blocked",
+            )
+        return images
 
     def start_stream(
         self, request: ImageGenerationRequest, request_id: str
@@ -359,7 +370,9 @@ class ImageGenerationService:
         job = self._submit(
             batch,
             request_id,
-            partial_images=request.partial_images or 0,
+            # Previews are not safety-checked: a model with a checker streams none (the API allows
+            # fewer partial images than asked for).
+            partial_images=0 if self.info.has_safety_checker else request.partial_images or 0,
             on_partial=lambda index, partial, image: partials.put_nowait((index, partial, image)),
         )
         waiter: asyncio.Future[list[Any]] = asyncio.ensure_future(self._wait(job))

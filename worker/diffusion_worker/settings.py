@@ -85,6 +85,12 @@ class WorkerSettings(BaseSettings):
         description="diffusers pipeline class to load the model with (e.g. StableDiffusionXLPipeline). "
         "Default: the class named in the model's model_index.json.",
     )
+    safety_checker: bool = Field(
+        True,
+        description="Run the model's safety checker where it ships one (diffusers' safety_checker, as "
+        "in Stable Diffusion 1.x/2.x checkpoints): a request with a flagged image gets 400 "
+        "moderation_blocked. false: do not load it.",
+    )
     device: str | None = Field(
         None, description="torch device (cuda, cuda:1, cpu). Default: cuda when present."
     )

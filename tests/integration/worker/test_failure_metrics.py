@@ -13,7 +13,7 @@ import pytest
 
 from diffusion_worker.engine import DiffusersEngine
 from support.engines import ObservedEngine, RaisesWhen, observed_loader
-from support.worker_server import post_queued
+from support.worker_server import metric_value, post_queued
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,6 @@ def failed_pipeline_worker(start_worker: WorkerFactory) -> tuple[str, ObservedEn
     return url, engines[0]
 
 
-def counted(url: str, series: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
 def test_a_failed_pipeline_call_is_counted_as_pipeline_error_and_logged_once(
     start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -44,7 +37,7 @@ def test_a_failed_pipeline_call_is_counted_as_pipeline_error_and_logged_once(
     response = httpx.post(f"{url}/v1/images/generations", json=BODY, timeout=60)
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error"
-    assert counted(url, PIPELINE_FAILURES) == 1
+    assert metric_value(url, PIPELINE_FAILURES) == 1
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("generation failed on cpu"), errors
 
@@ -55,7 +48,7 @@ def test_a_failed_streamed_request_is_counted_like_a_plain_one(start_worker: Wor
     with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=60) as response:
         text = "".join(response.iter_text())
     assert "event: error" in text and "server_error" in text
-    assert counted(url, PIPELINE_FAILURES) == 1
+    assert metric_value(url, PIPELINE_FAILURES) == 1
 
 
 def test_a_request_the_pipeline_cannot_take_fails_alone_and_its_batch_mates_get_their_images(
@@ -89,5 +82,5 @@ def test_a_request_the_pipeline_cannot_take_fails_alone_and_its_batch_mates_get_
     alone = httpx.post(f"{url}/v1/images/generations", json=fine, timeout=60)
     images = [[d["b64_json"] for d in response.json()["data"]] for response in (results["fine"], alone)]
     assert images[0] == images[1], "the same images as the request gets when it runs alone"
-    assert counted(url, PIPELINE_FAILURES) == 1
-    assert counted(url, "diffusion_worker_isolated_batch_retries_total") == 1
+    assert metric_value(url, PIPELINE_FAILURES) == 1
+    assert metric_value(url, "diffusion_worker_isolated_batch_retries_total") == 1

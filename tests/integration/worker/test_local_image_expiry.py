@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from diffusion_worker.settings import default_storage_url
+from support.worker_server import metric_value
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +31,8 @@ def url_image(base: str) -> str:
     return url
 
 
-def counted_removals(base: str) -> float:
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith("diffusion_worker_expired_images_removed_total "):
-            return float(line.split()[-1])
-    raise AssertionError("no diffusion_worker_expired_images_removed_total in /metrics")
+def counted_removals(base: str) -> float | None:
+    return metric_value(base, "diffusion_worker_expired_images_removed_total")
 
 
 def test_default_local_storage_removes_an_image_once_its_url_expired(
