@@ -7,11 +7,13 @@ import copy
 import dataclasses
 import inspect
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from diffusion_worker import pipeline_options
+from diffusion_worker.errors import APIError
 from diffusion_worker.model_source import ModelSourceError, model_defaults, resolve_model
 from diffusion_worker.previews import CleanLatentTap, PreviewPlan, decode_latents
 from diffusion_worker.protocol import parse_size
@@ -99,6 +101,8 @@ class ModelInfo:
     max_batch_size: int | None = None
     # The pipeline runs a safety checker on its output (diffusers' `safety_checker` component).
     has_safety_checker: bool = False
+    # Width and height must be multiples of this (see `size_multiple`).
+    size_multiple: int = 8
 
 
 class Engine(Protocol):
@@ -210,7 +214,9 @@ class DiffusersEngine:
         decode_one_at_a_time_when_out_of_memory(pipeline)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
-        return cls(pipeline, device, defaults)
+        engine = cls(pipeline, device, defaults)
+        default_size(engine.info, settings)  # a --default-size the model cannot make stops start-up
+        return engine
 
     def generate(
         self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
@@ -299,7 +305,40 @@ def describe_pipeline(pipeline: Any) -> ModelInfo:
         supports_step_callback="callback_on_step_end" in parameters,
         max_steps=scheduler_step_limit(getattr(pipeline, "scheduler", None)),
         has_safety_checker=getattr(pipeline, "safety_checker", None) is not None,
+        size_multiple=size_multiple(pipeline),
     )
+
+
+def size_multiple(pipeline: Any) -> int:
+    """What width and height must be multiples of: 8, or more where the pipeline packs latents
+    (its image processor's VAE factor: 16 for Flux and Qwen-Image, 32 for Sana) or its transformer
+    patches them (VAE factor times patch size: 16 for SD3 and PixArt). Flux resizes any other size
+    with only a warning, so the image would not be the size asked for; SD3 raises mid-request."""
+    multiples = [8]
+    processor_config = getattr(getattr(pipeline, "image_processor", None), "config", None)
+    packed = getattr(processor_config, "vae_scale_factor", None)
+    if isinstance(packed, int) and packed > 0:
+        multiples.append(packed)
+    patch = getattr(getattr(getattr(pipeline, "transformer", None), "config", None), "patch_size", None)
+    scale = getattr(pipeline, "vae_scale_factor", None)
+    if isinstance(patch, int) and isinstance(scale, int) and patch > 0 and scale > 0:
+        multiples.append(scale * patch)
+    return math.lcm(*multiples)
+
+
+def default_size(info: ModelInfo, settings: WorkerSettings) -> tuple[int, int]:
+    """--default-size, checked against the model (ModelLoadError), else the model's native size."""
+    if not settings.default_size:
+        return info.default_size
+    try:
+        return parse_size(
+            settings.default_size,
+            max_pixels=settings.max_pixels,
+            multiple=info.size_multiple,
+            model=info.pipeline_class,
+        )
+    except APIError as exc:
+        raise ModelLoadError(f"--default-size: {exc.message}") from exc
 
 
 def scheduler_step_limit(scheduler: Any) -> int | None:
@@ -351,11 +390,7 @@ def native_size(pipeline: Any) -> tuple[int, int]:
 
 def start_up_batch(engine: Engine, settings: WorkerSettings, size: int, guidance: float) -> GenerationBatch:
     """`size` images at the default size, WARM_UP_STEPS steps: what start-up runs before serving."""
-    width, height = (
-        parse_size(settings.default_size, max_pixels=settings.max_pixels)
-        if settings.default_size
-        else engine.info.default_size
-    )
+    width, height = default_size(engine.info, settings)
     return GenerationBatch(
         prompts=[WARM_UP_PROMPT] * size,
         negative_prompts=None,

@@ -53,7 +53,9 @@ class ImageGenerationRequest(BaseModel):
     prompt: str = Field(..., description="What to draw.")
     model: str | None = Field(None, description="Must equal the served model name when given.")
     n: int | None = Field(1, ge=1, description="Number of images.")
-    size: str | None = Field(None, description="WIDTHxHEIGHT (multiples of 8) or `auto`.")
+    size: str | None = Field(
+        None, description="WIDTHxHEIGHT (multiples of 8, or of 16 or 32 where the model needs it) or `auto`."
+    )
     quality: Quality | None = Field(
         None, description="Sets the step count when nvext.num_inference_steps is absent (see README)."
     )
@@ -139,14 +141,20 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def parse_size(value: str, *, max_pixels: int) -> tuple[int, int]:
-    """`WIDTHxHEIGHT` -> (width, height), both positive multiples of 8 within `max_pixels`."""
+def parse_size(
+    value: str, *, max_pixels: int, multiple: int = 8, model: str | None = None
+) -> tuple[int, int]:
+    """`WIDTHxHEIGHT` -> (width, height), both positive multiples of `multiple` (what `model`, a
+    pipeline class, needs) within `max_pixels`."""
     match = SIZE_PATTERN.match(value.strip())
     if not match:
         raise invalid_param("size", f"`size` must be WIDTHxHEIGHT (e.g. 1024x1024) or 'auto', got {value!r}")
     width, height = int(match.group(1)), int(match.group(2))
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise invalid_param("size", f"`size` must be WIDTHxHEIGHT with both multiples of 8, got {value!r}")
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        needs = f" for {model}" if model else ""
+        raise invalid_param(
+            "size", f"`size` must be WIDTHxHEIGHT with both multiples of {multiple}{needs}, got {value!r}"
+        )
     if width * height > max_pixels:
         raise invalid_param(
             "size",

@@ -65,7 +65,12 @@ class RequestDefaults:
         """Combine settings and model defaults; no step count, default or asked, exceeds the cap:
         --max-inference-steps, or fewer when the model's scheduler cannot run that many."""
         size = (
-            parse_size(settings.default_size, max_pixels=settings.max_pixels)
+            parse_size(
+                settings.default_size,
+                max_pixels=settings.max_pixels,
+                multiple=info.size_multiple,
+                model=info.pipeline_class,
+            )
             if settings.default_size
             else None
         )
@@ -165,7 +170,12 @@ class ImageGenerationService:
             )
         size = self.defaults.size
         if request.size is not None and request.size != "auto":
-            size = parse_size(request.size, max_pixels=settings.max_pixels)
+            size = parse_size(
+                request.size,
+                max_pixels=settings.max_pixels,
+                multiple=self.info.size_multiple,
+                model=self.info.pipeline_class,
+            )
         nvext = request.nvext
         steps = self.defaults.quality_steps[request.quality or "auto"]
         guidance = self.defaults.guidance_scale

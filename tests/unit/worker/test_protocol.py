@@ -78,3 +78,10 @@ def test_every_parameter_of_the_openai_client_is_known() -> None:
     """A parameter the official client sends but the model does not declare would be ignored with a
     warning; each must be served or refused by name (a new client release that adds one fails here)."""
     assert set(ImageGenerateParamsBase.__annotations__) <= set(ImageGenerationRequest.model_fields)
+
+
+def test_parse_size_names_the_multiple_a_model_needs() -> None:
+    assert parse_size("80x48", max_pixels=2048 * 2048, multiple=16, model="FluxPipeline") == (80, 48)
+    with pytest.raises(APIError) as caught:
+        parse_size("72x72", max_pixels=2048 * 2048, multiple=16, model="FluxPipeline")
+    assert caught.value.param == "size" and "multiples of 16 for FluxPipeline" in caught.value.message
