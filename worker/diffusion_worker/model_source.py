@@ -9,11 +9,14 @@ import os
 import re
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from fsspec import callbacks as fsspec_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,8 @@ REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 # Optional file in a model directory: request defaults the model was tuned for, e.g.
 # {"num_inference_steps": 20, "guidance_scale": 5.0}. Worker flags still win over it.
 WORKER_DEFAULTS_FILE = "worker_defaults.json"
+# How often a model copy from object storage logs its progress, at most.
+PROGRESS_LOG_SECONDS = 30.0
 
 
 class ModelSourceError(Exception):
@@ -116,11 +121,63 @@ def _download_remote_model(uri: str, cache_dir: Path) -> Path:
 
     def download(staging: Path) -> None:
         try:
-            fs.get(f"{root}/", f"{staging}/", recursive=True)
+            sizes = [int(info.get("size") or 0) for info in fs.find(root, detail=True).values()]
+            progress = _CopyProgress(uri, len(sizes), sum(sizes))
+            fs.get(f"{root}/", f"{staging}/", recursive=True, callback=progress)
         except Exception as exc:
             raise ModelSourceError(f"--model {uri!r}: download failed: {type(exc).__name__}: {exc}") from exc
+        progress.finished()
 
     return _materialised(local, download, uri)
+
+
+def _amount(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+class _CopyProgress(fsspec_callbacks.Callback):  # type: ignore[misc]  # fsspec is untyped
+    """Logs a model copy as it goes, at most every PROGRESS_LOG_SECONDS (a big model takes minutes,
+    and a silent log looks like a hang): the bytes copied, summed from each file's own callback.
+    (fsspec's own count here is of transfers, folders included, so it is not shown.)"""
+
+    def __init__(self, uri: str, files: int, total_bytes: int) -> None:
+        super().__init__()
+        self.uri = uri
+        self.total_bytes = total_bytes
+        self.bytes_done = 0
+        self.started = self.logged_at = time.monotonic()
+        log.info("copying %s: %d files, %s", uri, files, _amount(total_bytes))
+
+    def branched(self, path_1: str, path_2: str, **kwargs: Any) -> fsspec_callbacks.Callback:
+        return _FileBytes(self)
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        self.log_now_and_then()
+
+    def log_now_and_then(self) -> None:
+        now = time.monotonic()
+        if now - self.logged_at >= PROGRESS_LOG_SECONDS:
+            self.logged_at = now
+            log.info("copying %s: %s of %s", self.uri, _amount(self.bytes_done), _amount(self.total_bytes))
+
+    def finished(self) -> None:
+        log.info(
+            "copied %s: %s in %.1f s", self.uri, _amount(self.bytes_done), time.monotonic() - self.started
+        )
+
+
+class _FileBytes(fsspec_callbacks.Callback):  # type: ignore[misc]
+    """One file's bytes, added to its copy's total as they arrive."""
+
+    def __init__(self, copy: _CopyProgress) -> None:
+        super().__init__()
+        self.copy = copy
+        self.counted = 0
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        self.copy.bytes_done += self.value - self.counted
+        self.counted = self.value
+        self.copy.log_now_and_then()
 
 
 def _complete(directory: Path) -> bool:

@@ -8,6 +8,7 @@ directory, the real worker serving the copied model to the official openai clien
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import subprocess
 import sys
@@ -152,3 +153,25 @@ def test_a_copy_left_half_written_by_a_process_that_died_is_replaced(
     location = resolve_model(s3_model, cache)
     assert files_under(Path(location.name_or_path)) == files_under(tiny_model_dir)
     assert not leftover.exists()
+
+
+def test_a_copy_logs_its_size_and_progress(
+    s3_model: str,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A big model takes minutes to copy; the log says how far it is (here on every update)."""
+    from diffusion_worker import model_source
+
+    monkeypatch.setattr(model_source, "PROGRESS_LOG_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="diffusion_worker.model_source")
+    model_source.resolve_model(s3_model, tmp_path / "cache")
+    files = files_under(tiny_model_dir)
+    size = f"{sum(len(data) for data in files.values()) / 2**20:.1f} MiB"
+    lines = [record.getMessage() for record in caplog.records]
+    assert f"copying {s3_model}: {len(files)} files, {size}" in lines
+    progress = [line for line in lines if line.startswith(f"copying {s3_model}: ") and " of " in line]
+    assert progress[-1] == f"copying {s3_model}: {size} of {size}"
+    assert lines[-1].startswith(f"copied {s3_model}: {size} in ")
