@@ -31,6 +31,12 @@ PLURALS: dict[str, str] = {
 }
 
 
+# A server-side apply whose object does not fit the kind's schema (an env value given as a number
+# in spec.pod.env, a misspelled affinity field) is answered 500 with this message, not 4xx
+# (kubernetes/kubernetes#122480, #139253): retrying cannot help, so it is not transient.
+SSA_SCHEMA_ERROR = "failed to create typed patch object"
+
+
 class ApiError(Exception):
     """A non-2xx answer from the API server."""
 
@@ -42,7 +48,10 @@ class ApiError(Exception):
 
     @property
     def transient(self) -> bool:
-        """Conflicts, throttling, server errors and timeouts fix themselves on retry."""
+        """Conflicts, throttling, server errors and timeouts fix themselves on retry; a 500 that is
+        the server refusing the object itself (SSA_SCHEMA_ERROR) does not."""
+        if self.status == 500 and SSA_SCHEMA_ERROR in self.message:
+            return False
         return self.status in (409, 429) or self.status >= 500 or self.status == 0
 
 

@@ -73,20 +73,43 @@ def _same_quantity(want: Any, have: Any) -> bool:
         return False
 
 
+# Keys by which server-side apply merges lists of objects (containers, env, volumes, volumeMounts,
+# ports, ownerReferences): items another field manager added stay (`kubectl set env`, a policy
+# engine), so such a list is matched item by item, not by position and length.
+LIST_MERGE_KEYS = ("name", "mountPath", "containerPort", "uid")
+
+
+def _merge_key(items: list[Any]) -> str | None:
+    """The merge key every item of `items` carries, if they are objects that have one."""
+    for key in LIST_MERGE_KEYS:
+        if items and all(isinstance(item, Mapping) and key in item for item in items):
+            return key
+    return None
+
+
+def _unset(value: Any) -> bool:
+    """Values the server does not store (omitempty): wanting one matches its absence."""
+    return value is None or value == "" or value == [] or value == {}
+
+
 def is_subset(want: Any, have: Any, *, quantities: bool = False) -> bool:
     """Whether every field of `want` is present and equal in `have` (the server may add defaults;
-    values of QUANTITY_MAPS compare by amount, or every pass would re-apply a spec written `1000m`)."""
+    values of QUANTITY_MAPS compare by amount, or every pass would re-apply a spec written `1000m`).
+    Lists with a merge key match by key, in any order, with extra items allowed; other lists are
+    atomic and must match whole, in order."""
     if isinstance(want, Mapping):
         return isinstance(have, Mapping) and all(
-            k in have and is_subset(v, have[k], quantities=quantities or k in QUANTITY_MAPS)
+            is_subset(v, have[k], quantities=quantities or k in QUANTITY_MAPS) if k in have else _unset(v)
             for k, v in want.items()
         )
     if isinstance(want, list):
-        return (
-            isinstance(have, list)
-            and len(want) == len(have)
-            and all(is_subset(w, h) for w, h in zip(want, have, strict=True))
-        )
+        if not isinstance(have, list):
+            return False
+        key = _merge_key(want)
+        if key is not None:
+            by_key = {item.get(key): item for item in have if isinstance(item, Mapping)}
+            return all(w[key] in by_key and is_subset(w, by_key[w[key]]) for w in want)
+        return len(want) == len(have) and all(is_subset(w, h) for w, h in zip(want, have, strict=True))
     return bool(want == have) or (quantities and _same_quantity(want, have))
 
 
@@ -150,6 +173,16 @@ class Applied:
     rejected: list[str] = dataclasses.field(default_factory=list)
 
 
+def _changed(live: Mapping[str, Any] | None, applied: Mapping[str, Any]) -> bool:
+    """Whether an apply created or changed the child: a no-op apply keeps its resourceVersion
+    (one that needs_apply could not tell from a change, e.g. a field the server does not keep,
+    must not post an Event on every pass)."""
+    if live is None:
+        return True
+    version = (live.get("metadata") or {}).get("resourceVersion")
+    return version is None or version != (applied.get("metadata") or {}).get("resourceVersion")
+
+
 def apply_children(api: KubeApi, children: list[Manifest]) -> Applied:
     """Apply the children that need it, each on its own: a child the server rejects (a PVC shrink,
     say) does not hold back the others (an image or replicas change in the same commit).
@@ -168,10 +201,11 @@ def apply_children(api: KubeApi, children: list[Manifest]) -> Applied:
                     raise
                 result.rejected.append(f"{kind} {meta['name']}: {exc.message}")
             else:
-                verb = "Created" if live is None else "Updated"
-                reason = c.REASON_CREATED if live is None else c.REASON_UPDATED
-                logger.info("%s %s %s/%s", verb, kind, meta["namespace"], meta["name"])
-                result.events.append(Event("Normal", reason, f"{verb} {kind} {meta['name']}"))
+                if _changed(live, applied):
+                    verb = "Created" if live is None else "Updated"
+                    reason = c.REASON_CREATED if live is None else c.REASON_UPDATED
+                    logger.info("%s %s %s/%s", verb, kind, meta["namespace"], meta["name"])
+                    result.events.append(Event("Normal", reason, f"{verb} {kind} {meta['name']}"))
                 live = applied
         if live is not None:
             result.lives[kind] = live

@@ -56,6 +56,12 @@ def owner_reference(meta: Meta) -> dict[str, Any]:
     }
 
 
+ARGO_KEEP_ANNOTATIONS = {
+    "argocd.argoproj.io/sync-options": "Prune=false",
+    "argocd.argoproj.io/compare-options": "IgnoreExtraneous",
+}
+
+
 def _metadata(name: str, meta: Meta, *, owned: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"name": name, "namespace": meta.namespace, "labels": child_labels(meta)}
     if owned:
@@ -323,12 +329,12 @@ def render_model_cache_pvc(spec: ServiceSpec, meta: Meta) -> Manifest:
     }
     if spec.model_cache.storage_class_name:
         pvc_spec["storageClassName"] = spec.model_cache.storage_class_name
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": _metadata(model_cache_name(meta.name), meta, owned=not spec.model_cache.retain_on_delete),
-        "spec": pvc_spec,
-    }
+    metadata = _metadata(model_cache_name(meta.name), meta, owned=not spec.model_cache.retain_on_delete)
+    # Every child carries app.kubernetes.io/instance=NAME, Argo CD's tracking label before 3.0:
+    # an Application named like the service would count a PVC without an owner reference (kept
+    # on delete) as its own, missing from Git, and prune the downloaded weights.
+    metadata["annotations"] = dict(ARGO_KEEP_ANNOTATIONS)
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": metadata, "spec": pvc_spec}
 
 
 def with_applied_hash(manifest: Mapping[str, Any]) -> Manifest:

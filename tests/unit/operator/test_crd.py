@@ -129,6 +129,14 @@ BAD = {
     "pipeline not a class name": (_with("spec.model.pipeline", "sdxl"), "sdxl"),
     "size not WxH": (_with("spec.defaults", {"size": "large"}), "large"),
     "uri not s3/gs": (_with("spec.model", {"uri": "https://x"}), "https"),
+    # Unquoted YAML: the Deployment's server-side apply would fail with HTTP 500 (see test_reconcile).
+    "env value not a string": (_with("spec.pod", {"env": [{"name": "X", "value": True}]}), "True"),
+    "toleration seconds a string": (
+        _with(
+            "spec.pod", {"tolerations": [{"key": "gpu", "effect": "NoExecute", "tolerationSeconds": "300"}]}
+        ),
+        "300",
+    ),
 }
 # gpus defaults to 1, so contextParallel 2 without gpus 2 is rejected too.
 BAD["parallelism without gpus"] = (

@@ -13,7 +13,14 @@ import pytest
 
 from diffusion_operator import constants as c
 from diffusion_operator.kube import ApiError
-from diffusion_operator.reconcile import Event, Outcome, is_subset, needs_apply, reconcile_service
+from diffusion_operator.reconcile import (
+    Event,
+    Outcome,
+    apply_children,
+    is_subset,
+    needs_apply,
+    reconcile_service,
+)
 from diffusion_operator.render import child_labels, render_children
 from diffusion_operator.spec import Meta, parse_spec
 
@@ -267,3 +274,62 @@ def test_a_transient_pod_list_failure_is_retried_while_the_status_names_a_pod_pr
     assert ready_condition(reconcile_service(api, body(SPEC, previous), "worker:1"))["reason"] == (
         c.REASON_ROLLING_OUT
     )
+
+
+def test_a_deployment_the_server_cannot_type_is_apply_failed_not_retried_forever() -> None:
+    """A real API server answers a server-side apply that does not fit the kind's schema (here an
+    env value given as a YAML boolean) with HTTP 500 "failed to create typed patch object", not
+    4xx (kubernetes/kubernetes#122480). Treated as transient, the pass was retried every 5 s with
+    no status and no Service; now it is Stalled/ApplyFailed and the other children are applied."""
+    message = (
+        "failed to create typed patch object (ns/svc; apps/v1, Kind=Deployment): .spec.template.spec"
+        '.containers[name="worker"].env[name="X"].value: expected string, '
+        "got &value.valueUnstructured{Value:true}"
+    )
+    api = FakeApi(fail_apply=ApiError(500, message), fail_kinds=frozenset({"Deployment"}))
+    outcome = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
+    stalled = next(x for x in outcome.status_delta["conditions"] if x["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", c.REASON_APPLY_FAILED)
+    assert "expected string" in stalled["message"]
+    assert "Service" in api.applies and "Deployment" not in api.applies
+    assert ApiError(500, "etcdserver: request timed out").transient, "other 500s are still retried"
+
+
+def test_items_another_manager_added_and_values_the_server_drops_need_no_apply() -> None:
+    """How a real server stores the Deployment after `kubectl set env` added TZ (server-side apply
+    never removes another manager's list items) and without an env value "" (omitempty): compared
+    by position and length, every pass re-applied it and posted an Updated Event."""
+    spec = SPEC | {"pod": {"env": [{"name": "NO_PROXY", "value": ""}, {"name": "LOG", "value": "1"}]}}
+    deployment = render_children(parse_spec(spec), Meta("svc", "ns", "u1"))[1]
+    live = copy.deepcopy(deployment)
+    container = live["spec"]["template"]["spec"]["containers"][0]
+    kept = [{k: v for k, v in item.items() if v != ""} for item in container["env"]]
+    container["env"] = [{"name": "TZ", "value": "UTC"}, *reversed(kept)]
+    assert not needs_apply(deployment, live)
+    next(item for item in container["env"] if item["name"] == "LOG")["value"] = "2"
+    assert needs_apply(deployment, live), "a changed value of ours is still drift"
+    live = copy.deepcopy(deployment)
+    live["spec"]["template"]["spec"]["containers"][0]["args"].append("--extra")
+    assert needs_apply(deployment, live), "lists without a merge key (args) are compared whole"
+
+
+def test_an_apply_that_changed_nothing_posts_no_event() -> None:
+    """A real server answers a no-op apply with the object's resourceVersion unchanged."""
+
+    class SameVersionApi(FakeApi):
+        def __init__(self, next_version: str) -> None:
+            super().__init__()
+            self.next_version = next_version
+
+        def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+            return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": "7"}}
+
+        def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+            stored = super().apply(manifest)
+            stored["metadata"]["resourceVersion"] = self.next_version
+            return stored
+
+    children = render_children(parse_spec(SPEC), Meta("svc", "ns", "u1"))
+    assert apply_children(SameVersionApi("7"), children).events == []  # type: ignore[arg-type]
+    updated = apply_children(SameVersionApi("8"), children).events  # type: ignore[arg-type]
+    assert [event.reason for event in updated] == [c.REASON_UPDATED] * len(children)

@@ -319,6 +319,11 @@ def test_model_cache_pvc_follows_spec_and_is_kept_when_asked() -> None:
     assert pvc["metadata"]["ownerReferences"]
     kept = render_model_cache_pvc(spec_of(modelCache={"retainOnDelete": True}), META)
     assert "ownerReferences" not in kept["metadata"]
+    # Argo CD (label tracking) never prunes the weights of a kept cache as an extraneous object.
+    assert kept["metadata"]["annotations"] == {
+        "argocd.argoproj.io/sync-options": "Prune=false",
+        "argocd.argoproj.io/compare-options": "IgnoreExtraneous",
+    }
 
 
 def test_children_carry_an_applied_hash_and_come_in_apply_order() -> None:
