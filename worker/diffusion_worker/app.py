@@ -28,6 +28,7 @@ from diffusion_worker.middleware import (
     BodySizeLimitMiddleware,
     RequestContextMiddleware,
     UnhandledFailureMiddleware,
+    shutting_down_error,
 )
 from diffusion_worker.protocol import (
     CONTENT_TYPES,
@@ -44,6 +45,8 @@ from diffusion_worker.storage import ImageStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# A stream still running this long before the drain time runs out ends with an error event.
+STREAM_DRAIN_MARGIN_SECONDS = 1.0
 EngineLoader = Callable[[WorkerSettings], list[Engine]]
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 502, 503, 504)
@@ -105,6 +108,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     app.state.metrics = metrics
     app.state.started = int(time.time())
     app.state.draining = False
+    app.state.drain_deadline = None  # time.monotonic() when uvicorn cancels what is left (server.py)
     install_error_handlers(app)
     app.add_middleware(UnhandledFailureMiddleware, metrics=metrics)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
@@ -205,13 +209,46 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     return app
 
 
+class _DrainTimeUp(Exception):
+    """The worker's drain time is about to run out while a stream still waits for its next event."""
+
+
+async def _next_event_before_drain_ends(
+    request: Request, events: AsyncIterator[dict[str, Any]]
+) -> dict[str, Any]:
+    """The stream's next event, or _DrainTimeUp STREAM_DRAIN_MARGIN_SECONDS before uvicorn would
+    cancel the stream at the end of --drain-timeout (the client would see the connection cut, with
+    no word why, and the log a traceback). The deadline is looked at every second."""
+    pending = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            deadline: float | None = request.app.state.drain_deadline
+            wait = 1.0
+            if deadline is not None:
+                wait = min(wait, deadline - STREAM_DRAIN_MARGIN_SECONDS - time.monotonic())
+                if wait <= 0:
+                    raise _DrainTimeUp
+            done, _ = await asyncio.wait([pending], timeout=wait)
+            if done:
+                return pending.result()
+    finally:
+        if not pending.done():
+            pending.cancel()
+
+
+def _frame(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
 async def server_sent_events(
     request: Request, events: AsyncIterator[dict[str, Any]], drop_work: Callable[[], None]
 ) -> AsyncIterator[bytes]:
     """`event: <type>` / `data: <json>` frames, as the OpenAI streaming API sends them.
 
     A watcher drops the work as soon as the client disconnects: a generator suspended in `send`
-    is not resumed when Starlette stops streaming, so its own clean-up cannot be relied on.
+    is not resumed when Starlette stops streaming, so its own clean-up cannot be relied on. A
+    stream the drain time runs out on ends with an `error` event (503 `shutting_down`), as a plain
+    request gets that answer.
     """
 
     def on_disconnect(watcher: asyncio.Future[None]) -> None:
@@ -223,8 +260,18 @@ async def server_sent_events(
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     watcher.add_done_callback(on_disconnect)
     try:
-        async for event in events:
-            yield f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+        while True:
+            try:
+                event = await _next_event_before_drain_ends(request, events)
+            except StopAsyncIteration:
+                return
+            except _DrainTimeUp:
+                drop_work()
+                metrics_of(request).failed.labels(reason="shutdown").inc()
+                log.warning("stream ended at shutdown (its drain time ran out) with a shutting_down error")
+                yield _frame({"type": "error", **shutting_down_error().body()})
+                return
+            yield _frame(event)
     finally:
         watcher.cancel()
 

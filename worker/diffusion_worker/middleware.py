@@ -126,6 +126,17 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+def shutting_down_error() -> APIError:
+    """503 for a request the worker's drain time ran out on."""
+    return APIError(
+        503,
+        "The worker shut down before this request finished (its drain time ran out); "
+        "retry on another replica",
+        type="service_unavailable",
+        code="shutting_down",
+    )
+
+
 class UnhandledFailureMiddleware:
     """The last resort: what no handler answered still gets an OpenAI error object.
 
@@ -166,14 +177,7 @@ class UnhandledFailureMiddleware:
             task.uncancel()
             self.metrics.failed.labels(reason="shutdown").inc()
             log.warning("%s %s cancelled at shutdown; answered 503", scope["method"], scope["path"])
-            gone = APIError(
-                503,
-                "The worker shut down before this request finished (its drain time ran out); "
-                "retry on another replica",
-                type="service_unavailable",
-                code="shutting_down",
-            )
-            await gone.response()(scope, receive, send)
+            await shutting_down_error().response()(scope, receive, send)
         except Exception as exc:
             log_failure(log, f"unexpected error on {scope['method']} {scope['path']}", exc)
             self.metrics.failed.labels(reason="internal_error").inc()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import time
 from types import FrameType
 
 import uvicorn
@@ -65,6 +66,9 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.app.state.draining:
             log.info("%s received: draining (finishing accepted requests)", signal.Signals(sig).name)
+            grace = self.config.timeout_graceful_shutdown
+            if grace is not None:
+                self.app.state.drain_deadline = time.monotonic() + grace
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 

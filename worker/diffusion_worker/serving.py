@@ -420,7 +420,13 @@ class ImageGenerationService:
             while not waiter.done() or not partials.empty():
                 getter = asyncio.ensure_future(partials.get())
                 racing: list[asyncio.Future[Any]] = [getter, waiter]
-                await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+                try:
+                    await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    # The stream was cancelled here (client gone, shutdown): a getter left pending
+                    # is a task asyncio later reports as "destroyed but it is pending".
+                    getter.cancel()
+                    raise
                 if not getter.done():
                     getter.cancel()
                     continue

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +16,7 @@ import openai
 import pytest
 
 from support.engines import ObservedEngine, observed_loader
+from support.worker_server import wait_for_queued_images, worker_process
 
 pytestmark = pytest.mark.integration
 
@@ -242,3 +245,40 @@ def test_unsupported_values_are_400_naming_the_parameter(
     response = httpx.post(f"{worker_url}/v1/images/generations", json={"prompt": "p", **body})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == param
+
+
+def test_streams_gone_at_shutdown_end_cleanly(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A real worker process with --drain-timeout 3. A client that left its stream early, and a
+    stream still running when the drain time runs out: the second gets an `error` event with 503
+    `shutting_down` (before, uvicorn cut the connection without a word and logged a traceback),
+    and neither leaves a pending task behind (before, each early exit left one, which asyncio later
+    logged as "Task was destroyed but it is pending!")."""
+    flags = ("--drain-timeout", "3", "--max-batch-size", "1", "--storage-url", f"file://{tmp_path}")
+    body = {"prompt": "p", "size": "256x256", "stream": True, "partial_images": 3}
+    body["nvext"] = {"num_inference_steps": 999}
+    steps = {"DIFFUSION_WORKER_MAX_INFERENCE_STEPS": "1000"}
+    with worker_process(tiny_model_dir, *flags, env=steps) as worker:
+        generations = f"{worker.url}/v1/images/generations"
+        with httpx.stream("POST", generations, json=body, timeout=60):
+            wait_for_queued_images(worker.url, 1)
+        wait_for_queued_images(worker.url, 0)  # the early leaver's work was dropped
+        events: list[dict[str, Any]] = []
+
+        def read_stream() -> None:
+            with httpx.stream("POST", generations, json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(json.loads(line.removeprefix("data: ")))
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        wait_for_queued_images(worker.url, 1)
+        worker.process.send_signal(signal.SIGTERM)
+        reader.join(60)
+        assert worker.process.wait(timeout=120) == 0
+        log = worker.log()
+    assert events and events[-1]["type"] == "error", events
+    error = events[-1]["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "shutting_down")
+    assert "Exception in ASGI application" not in log
+    assert "Task was destroyed but it is pending" not in log
