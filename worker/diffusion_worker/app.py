@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # A stream still running this long before the drain time runs out ends with an error event.
 STREAM_DRAIN_MARGIN_SECONDS = 1.0
+# A stream with no event for this long gets an SSE comment, so idle-timeout proxies keep it open.
+SSE_KEEPALIVE_SECONDS = 15.0
 EngineLoader = Callable[[WorkerSettings], list[Engine]]
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 502, 503, 504)
@@ -209,33 +211,6 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     return app
 
 
-class _DrainTimeUp(Exception):
-    """The worker's drain time is about to run out while a stream still waits for its next event."""
-
-
-async def _next_event_before_drain_ends(
-    request: Request, events: AsyncIterator[dict[str, Any]]
-) -> dict[str, Any]:
-    """The stream's next event, or _DrainTimeUp STREAM_DRAIN_MARGIN_SECONDS before uvicorn would
-    cancel the stream at the end of --drain-timeout (the client would see the connection cut, with
-    no word why, and the log a traceback). The deadline is looked at every second."""
-    pending = asyncio.ensure_future(anext(events))
-    try:
-        while True:
-            deadline: float | None = request.app.state.drain_deadline
-            wait = 1.0
-            if deadline is not None:
-                wait = min(wait, deadline - STREAM_DRAIN_MARGIN_SECONDS - time.monotonic())
-                if wait <= 0:
-                    raise _DrainTimeUp
-            done, _ = await asyncio.wait([pending], timeout=wait)
-            if done:
-                return pending.result()
-    finally:
-        if not pending.done():
-            pending.cancel()
-
-
 def _frame(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
 
@@ -246,9 +221,12 @@ async def server_sent_events(
     """`event: <type>` / `data: <json>` frames, as the OpenAI streaming API sends them.
 
     A watcher drops the work as soon as the client disconnects: a generator suspended in `send`
-    is not resumed when Starlette stops streaming, so its own clean-up cannot be relied on. A
-    stream the drain time runs out on ends with an `error` event (503 `shutting_down`), as a plain
-    request gets that answer.
+    is not resumed when Starlette stops streaming, so its own clean-up cannot be relied on.
+    While no event is due (queued, or `partial_images` 0), an SSE comment every
+    SSE_KEEPALIVE_SECONDS keeps proxies with an idle timeout (60 s on an AWS ALB) from cutting the
+    stream; clients skip comments. A stream still going STREAM_DRAIN_MARGIN_SECONDS before the
+    drain time runs out ends with an `error` event (503 `shutting_down`), as a plain request gets
+    that answer, instead of being cut by uvicorn's cancel without a word to the client.
     """
 
     def on_disconnect(watcher: asyncio.Future[None]) -> None:
@@ -259,21 +237,42 @@ async def server_sent_events(
 
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     watcher.add_done_callback(on_disconnect)
+    pending: asyncio.Future[dict[str, Any]] | None = None
+    last_write = time.monotonic()
     try:
         while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            now = time.monotonic()
+            wait = SSE_KEEPALIVE_SECONDS - (now - last_write)
+            deadline: float | None = request.app.state.drain_deadline
+            if deadline is not None:
+                wait = min(wait, deadline - STREAM_DRAIN_MARGIN_SECONDS - now)
+                if wait <= 0:
+                    drop_work()
+                    metrics_of(request).failed.labels(reason="shutdown").inc()
+                    log.warning(
+                        "stream ended at shutdown (its drain time ran out) with a shutting_down error"
+                    )
+                    yield _frame({"type": "error", **shutting_down_error().body()})
+                    return
+            done, _ = await asyncio.wait([pending], timeout=min(max(wait, 0.0), 1.0))
+            if not done:
+                if time.monotonic() - last_write >= SSE_KEEPALIVE_SECONDS:
+                    yield b": keep-alive\n\n"
+                    last_write = time.monotonic()
+                continue
             try:
-                event = await _next_event_before_drain_ends(request, events)
+                event = pending.result()
             except StopAsyncIteration:
                 return
-            except _DrainTimeUp:
-                drop_work()
-                metrics_of(request).failed.labels(reason="shutdown").inc()
-                log.warning("stream ended at shutdown (its drain time ran out) with a shutting_down error")
-                yield _frame({"type": "error", **shutting_down_error().body()})
-                return
+            pending = None
             yield _frame(event)
+            last_write = time.monotonic()
     finally:
         watcher.cancel()
+        if pending is not None and not pending.done():
+            pending.cancel()
 
 
 def has_working_engine(request: Request) -> bool:

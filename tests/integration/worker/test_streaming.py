@@ -282,3 +282,26 @@ def test_streams_gone_at_shutdown_end_cleanly(tmp_path: Path, tiny_model_dir: Pa
     assert (error["type"], error["code"]) == ("service_unavailable", "shutting_down")
     assert "Exception in ASGI application" not in log
     assert "Task was destroyed but it is pending" not in log
+
+
+def test_a_stream_waiting_for_its_image_sends_keep_alive_comments_the_client_skips(
+    start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream with no preview due (queued behind others, or partial_images 0) sent nothing until
+    its image was done, long enough for a proxy's idle timeout to cut it. The keep-alive period is
+    shortened here from 15 s to 0.2 s; the engine is held at a gate for a second."""
+    from diffusion_worker import app as worker_app
+
+    monkeypatch.setattr(worker_app, "SSE_KEEPALIVE_SECONDS", 0.2)
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=True))
+    threading.Timer(1.0, engines[0].gate.set).start()
+    body = {"prompt": "p", "stream": True, "nvext": {"num_inference_steps": 2}}
+    with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=60) as response:
+        text = "".join(response.iter_text())
+    assert text.count(": keep-alive\n\n") >= 3, text[:200]
+    assert text.rstrip().splitlines()[-2] == "event: image_generation.completed"
+    engines[0].gate.clear()
+    threading.Timer(1.0, engines[0].gate.set).start()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    assert [event.type for event in stream_events(client)] == ["image_generation.completed"]
