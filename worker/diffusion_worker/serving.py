@@ -45,6 +45,10 @@ QUALITY_STEP_FACTORS: dict[str, float] = {
     "xhigh": 1.5,
     "max": 2.0,
 }
+# `quality` as responses report it: OpenAI's response and event types name the level made (low,
+# medium, high, xhigh, max); `auto`, and DALL-E's `standard` and `hd`, are request-only names. Each
+# maps to the level with the same default step count.
+REPORTED_QUALITY: dict[str, str] = {"auto": "high", "standard": "high", "hd": "xhigh"}
 UNSUPPORTED_FIELDS = ("svg", "frame_count", "frame_duration_ms", "complexity")
 
 
@@ -294,7 +298,7 @@ class ImageGenerationService:
         """What the response and stream events report about the images."""
         return {
             "size": format_size((batch.width, batch.height)),
-            "quality": request.quality or "auto",
+            "quality": REPORTED_QUALITY.get(request.quality or "auto", request.quality),
             "output_format": request.output_format or "png",
             "background": "opaque",
             "safety_identifier": request.effective_user,

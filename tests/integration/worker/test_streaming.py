@@ -165,7 +165,10 @@ def test_each_quality_maps_to_its_documented_step_count(start_worker: WorkerFact
             json={"prompt": "p", "quality": quality, "response_format": "b64_json"},
         )
         assert response.status_code == 200
-        assert response.json()["quality"] == quality
+        # Reported in the response vocabulary, which has no auto, standard or hd.
+        assert response.json()["quality"] == {"auto": "high", "standard": "high", "hd": "xhigh"}.get(
+            quality, quality
+        )
     assert [b.num_inference_steps for b in engines[0].batches] == list(QUALITY_STEPS_WITH_D8.values())
 
 
@@ -305,3 +308,35 @@ def test_a_stream_waiting_for_its_image_sends_keep_alive_comments_the_client_ski
     threading.Timer(1.0, engines[0].gate.set).start()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     assert [event.type for event in stream_events(client)] == ["image_generation.completed"]
+
+
+@pytest.mark.parametrize("quality", ["auto", "standard", "hd", "low"])
+def test_responses_and_events_validate_strictly_against_the_openai_types(
+    worker_url: str, quality: str
+) -> None:
+    """The official client builds its models without validation, so a value outside its Literal
+    types (quality "auto" in a response, "hd" in an event) passes unnoticed there; user code that
+    validates (pydantic's model_validate) would reject it."""
+    from openai.types import ImagesResponse
+    from openai.types.image_gen_completed_event import ImageGenCompletedEvent
+    from openai.types.image_gen_partial_image_event import ImageGenPartialImageEvent
+
+    body = {
+        "prompt": "p",
+        "quality": quality,
+        "response_format": "b64_json",
+        "nvext": {"num_inference_steps": 2},
+    }
+    ImagesResponse.model_validate(
+        httpx.post(f"{worker_url}/v1/images/generations", json=body, timeout=60).json()
+    )
+    streamed = {**body, "stream": True, "partial_images": 1}
+    streamed.pop("response_format")
+    with httpx.stream("POST", f"{worker_url}/v1/images/generations", json=streamed, timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert [event["type"] for event in events] == [
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    ImageGenPartialImageEvent.model_validate(events[0])
+    ImageGenCompletedEvent.model_validate(events[1])
