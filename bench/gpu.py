@@ -42,10 +42,12 @@ On the device machine (Python 3.12 and torch, no diffusers/fastapi/pydantic; whe
     python3 bench/gpu.py --model sd15 --out $OUT      # instead of --all: one model per call
 
 The opt-in GPU tests run from the same install (pytest is among the wheels). `bench/gpu_session.sh`
-does all of it in one device call: install, `pytest -m gpu tests/gpu`, then this script for
-MODELS (default sd15) within BUDGET seconds, everything under $OUT.
+does all of it in one device call: install, an import check, `pytest -m gpu tests/gpu`, then this
+script for MODELS (default sd15) within what is left of SESSION (570) seconds, five files under
+$OUT (the device returns at most 8, so `--all`, with a worker log per phase, is not run that way).
 
-Extra worker flags: `--worker-arg=--channels-last --worker-arg='--attention-backend flash'`.
+Extra worker flags: `--worker-arg=--channels-last`. (`--attention-backend flash` needs the
+flash-attn package, which neither the device nor the carried wheels have.)
 
 Rehearsal: the same code path on the CPU with shrunk models, 64x64, 2 steps, 1 thread, in about a
 minute and a half. Compiled mode is left out (torch.compile on one CPU thread takes minutes per
@@ -974,14 +976,16 @@ class BenchContext:
 
 def phase_estimate(phases: dict[str, Any], side: str, compiled: bool) -> float:
     """Rough seconds a phase needs, from the phases already run. Compiling costs about what the raw
-    warm-up call took; the worker compiles twice (one image, then a full batch, dynamic)."""
+    warm-up call took; the worker compiles up to three graphs before it is ready (the batch-size
+    check's full batch, which runs on CUDA only, a dynamic batch, and the warm-up's single image at
+    guidance 1: TORCH_LOGS=recompiles on torch 2.11 showed all three for SD 1.5)."""
     raw_eager = float(phases.get("raw_eager", {}).get("elapsed_s", 0.0))
     if not compiled:
         return raw_eager if side == "worker" else 0.0
     if side == "raw":
         return raw_eager + 60.0
     compile_s = float(phases.get("raw_compiled", {}).get("first_call_s", 60.0))
-    return float(phases.get("worker_eager", {}).get("elapsed_s", 0.0)) + 2 * compile_s
+    return float(phases.get("worker_eager", {}).get("elapsed_s", 0.0)) + 3 * compile_s
 
 
 def run_phase(
@@ -1075,7 +1079,13 @@ def check_correctness(
             **compare_images(eager, compiled, tolerance),
             "informational": "compiled kernels may round differently",
         }
-    gating = [c["passed"] for k, c in checks.items() if k != "raw_compiled_vs_raw_eager"]
+    if "worker_compiled_vs_raw_compiled" in checks:
+        # The worker compiles with a dynamic batch dimension (it batches requests), the raw loop a
+        # static batch: two different graphs, whose kernels may round differently over 30 steps.
+        checks["worker_compiled_vs_raw_compiled"]["informational"] = (
+            "the worker's compiled graph is dynamic in the batch size, the raw loop's static"
+        )
+    gating = [c["passed"] for c in checks.values() if "informational" not in c]
     checks["passed"] = bool(gating) and all(gating)
     checks["not_checked"] = not_checked  # a phase was skipped or failed: see its record
     return checks
@@ -1184,6 +1194,7 @@ def versions() -> dict[str, str]:
     """Versions of the packages the numbers depend on."""
     names = (
         "torch",
+        "triton",
         "diffusers",
         "transformers",
         "tokenizers",

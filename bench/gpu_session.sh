@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One device call for issue 7: install the wheels bench/gpu_wheels.sh fetched into .whl/, run the
-# opt-in GPU tests (correctness: a real CUDA out-of-memory split; context parallel when there are
-# two GPUs), then bench/gpu.py for MODELS within BUDGET seconds. Everything lands under $OUT:
-# pip.log, nvidia-smi.txt, gpu-tests.log, the result JSON, worker logs.
+# One device call for issue 7: install the wheels bench/gpu_wheels.sh fetched into .whl/, check
+# the stack imports, run the opt-in GPU tests (correctness: a real CUDA out-of-memory split;
+# context parallel when there are two GPUs), then bench/gpu.py for MODELS within what is left of
+# SESSION seconds. The device returns at most 8 files from $OUT, so it gets five: pip.log,
+# nvidia-smi.txt, gpu-tests.log, the result JSON (rewritten after every phase, so a run cut short
+# keeps what it finished) and logs.tar.gz (the worker logs, packed at the end).
 #
-#   bash bench/gpu_wheels.sh                                   # here, once (33 MiB, git-ignored)
-#   device: bash bench/gpu_session.sh      (carry .whl; MODELS=sd15 BUDGET=420 by default)
+#   bash bench/gpu_wheels.sh                                   # here, once (35 MiB, git-ignored)
+#   device: bash bench/gpu_session.sh      (carry .whl; timeout_s 600; MODELS=sd15 by default)
 #
 # Rehearsal on this CPU (no install, shrunk models; the GPU tests skip without CUDA):
 #   PYTHON=.venv/bin/python SKIP_INSTALL=1 BENCH_ARGS=--rehearse OUT=/tmp/gpu-session \
@@ -16,9 +18,12 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder results go to}
 PYTHON=${PYTHON:-python3}
 MODELS=${MODELS:-sd15}
-BUDGET=${BUDGET:-420}
-mkdir -p "$OUT/logs"
+# Seconds the whole script may take: the device call's 600 s, less time to pack the logs.
+SESSION=${SESSION:-570}
+LOGS=$(mktemp -d)
+export HF_HUB_OFFLINE=1
 started=$(date +%s)
+elapsed() { echo $(($(date +%s) - started)); }
 
 if [[ -z ${SKIP_INSTALL:-} ]]; then
     if ! "$PYTHON" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -28,16 +33,27 @@ if [[ -z ${SKIP_INSTALL:-} ]]; then
     fi
     export PYTHONPATH=/tmp/site:worker
 fi
+# The device's own packages (torch, numpy, accelerate, peft, ...) meet the carried ones here: a
+# clash fails in seconds, not minutes into the benchmark.
+if ! "$PYTHON" -c "import torch, diffusers, transformers, fastapi, uvicorn, pydantic, httpx, diffusion_worker.app
+from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline" >>"$OUT/pip.log" 2>&1; then
+    "$PYTHON" -m pip list >>"$OUT/pip.log" 2>&1
+    echo "the stack does not import:"
+    tail -n 20 "$OUT/pip.log"
+    exit 1
+fi
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" >"$OUT/nvidia-smi.txt"
 
-timeout 150 "$PYTHON" -m pytest -m gpu tests/gpu -p no:cacheprovider -q -rs >"$OUT/gpu-tests.log" 2>&1
-echo "gpu tests: exit $? after $(($(date +%s) - started)) s (last lines of $OUT/gpu-tests.log:)"
+timeout 90 "$PYTHON" -m pytest -m gpu tests/gpu -p no:cacheprovider -q -rs >"$OUT/gpu-tests.log" 2>&1
+echo "gpu tests: exit $? after $(elapsed) s (last lines of $OUT/gpu-tests.log:)"
 tail -n 6 "$OUT/gpu-tests.log"
 
+BUDGET=${BUDGET:-$((SESSION - $(elapsed)))}
 model_args=()
 for model in $MODELS; do model_args+=(--model "$model"); done
 # shellcheck disable=SC2086  # BENCH_ARGS holds several flags
-"$PYTHON" bench/gpu.py "${model_args[@]}" --time-budget "$BUDGET" --out "$OUT" --log-dir "$OUT/logs" \
+"$PYTHON" bench/gpu.py "${model_args[@]}" --time-budget "$BUDGET" --out "$OUT" --log-dir "$LOGS" \
     ${BENCH_ARGS:-}
-echo "bench/gpu.py: exit $? after $(($(date +%s) - started)) s"
+echo "bench/gpu.py: exit $? after $(elapsed) s (budget $BUDGET s)"
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
 ls -l "$OUT"
