@@ -104,6 +104,13 @@ class ModelInfo:
     # Width and height must be multiples of this (see `size_multiple`).
     size_multiple: int = 8
 
+    def size_from(self, value: str, max_pixels: int) -> tuple[int, int]:
+        """`WIDTHxHEIGHT` as this model can make it: within `max_pixels`, both sides multiples of
+        `size_multiple` (a 400 APIError naming `size` otherwise)."""
+        return parse_size(
+            value, max_pixels=max_pixels, multiple=self.size_multiple, model=self.pipeline_class
+        )
+
 
 class Engine(Protocol):
     """A pipeline on one device; `generate` is called from one thread at a time."""
@@ -331,12 +338,7 @@ def default_size(info: ModelInfo, settings: WorkerSettings) -> tuple[int, int]:
     if not settings.default_size:
         return info.default_size
     try:
-        return parse_size(
-            settings.default_size,
-            max_pixels=settings.max_pixels,
-            multiple=info.size_multiple,
-            model=info.pipeline_class,
-        )
+        return info.size_from(settings.default_size, settings.max_pixels)
     except APIError as exc:
         raise ModelLoadError(f"--default-size: {exc.message}") from exc
 

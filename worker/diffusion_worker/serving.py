@@ -23,7 +23,6 @@ from diffusion_worker.protocol import (
     ImageGenerationRequest,
     format_size,
     image_object,
-    parse_size,
 )
 from diffusion_worker.scheduler import PartialSink, QueueFullError, Scheduler, SchedulerClosedError
 from diffusion_worker.settings import WorkerSettings
@@ -68,16 +67,7 @@ class RequestDefaults:
     def resolve(cls, settings: WorkerSettings, info: ModelInfo) -> RequestDefaults:
         """Combine settings and model defaults; no step count, default or asked, exceeds the cap:
         --max-inference-steps, or fewer when the model's scheduler cannot run that many."""
-        size = (
-            parse_size(
-                settings.default_size,
-                max_pixels=settings.max_pixels,
-                multiple=info.size_multiple,
-                model=info.pipeline_class,
-            )
-            if settings.default_size
-            else None
-        )
+        size = info.size_from(settings.default_size, settings.max_pixels) if settings.default_size else None
         cap, source = settings.max_inference_steps, "--max-inference-steps"
         if info.max_steps is not None and info.max_steps < cap:
             cap, source = info.max_steps, f"the most {info.pipeline_class}'s scheduler can run"
@@ -174,12 +164,7 @@ class ImageGenerationService:
             )
         size = self.defaults.size
         if request.size is not None and request.size != "auto":
-            size = parse_size(
-                request.size,
-                max_pixels=settings.max_pixels,
-                multiple=self.info.size_multiple,
-                model=self.info.pipeline_class,
-            )
+            size = self.info.size_from(request.size, settings.max_pixels)
         nvext = request.nvext
         steps = self.defaults.quality_steps[request.quality or "auto"]
         guidance = self.defaults.guidance_scale
