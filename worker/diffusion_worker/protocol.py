@@ -6,7 +6,7 @@ import re
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from diffusion_worker.errors import invalid_param
 
@@ -75,7 +75,9 @@ class ImageGenerationRequest(BaseModel):
         description="Accepted; either value leaves moderation to the model's own safety checker, "
         "where it ships one (a flagged image: 400 moderation_blocked).",
     )
-    stream: bool | None = Field(None, description="Answer with server-sent events (b64_json only).")
+    # Strict: lax parsing would read "yes", "off" or 1 as a boolean, and a client that means
+    # something else by them would get the wrong kind of answer (OpenAI refuses them too).
+    stream: StrictBool | None = Field(None, description="Answer with server-sent events (b64_json only).")
     partial_images: int | None = Field(
         None, ge=0, le=MAX_PARTIAL_IMAGES, description="Previews per image while streaming (0-3)."
     )

@@ -239,6 +239,7 @@ def test_response_echoes_background_and_accepts_opaque_and_moderation(client: op
         ({"complexity": "high"}, "complexity"),
         ({"stream": True, "partial_images": 4}, "partial_images"),
         ({"stream": True, "response_format": "url"}, "response_format"),
+        ({"stream": "yes"}, "stream"),
         ({"moderation": "strict"}, "moderation"),
     ],
 )

@@ -65,6 +65,14 @@ def test_blank_prompt_is_rejected(prompt: str) -> None:
         ImageGenerationRequest.model_validate({"prompt": prompt})
 
 
+@pytest.mark.parametrize("value", ["yes", "true", 1, "off"])
+def test_stream_takes_only_a_json_boolean(value: object) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ImageGenerationRequest.model_validate({"prompt": "p", "stream": value})
+    assert caught.value.errors()[0]["loc"] == ("stream",)
+    assert ImageGenerationRequest.model_validate({"prompt": "p", "stream": False}).stream is False
+
+
 def test_seed_zero_is_kept() -> None:
     request = ImageGenerationRequest.model_validate({"prompt": "p", "nvext": {"seed": 0}})
     assert request.nvext is not None and request.nvext.seed == 0
