@@ -93,3 +93,25 @@ def test_user_roles_aggregate_read_to_view_and_write_to_edit(render: Render) -> 
     assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit_labels
     assert edit_labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert all(verbs <= {"get", "list", "watch"} for verbs in grants(user_roles["view"]).values())
+
+
+def aggregated_grants(objects: list[Manifest], built_in_role: str) -> dict[tuple[str, str], set[str]]:
+    """What the chart's user ClusterRoles add to a built-in role (view, edit or admin) by aggregation."""
+    label = f"rbac.authorization.k8s.io/aggregate-to-{built_in_role}"
+    granted: dict[tuple[str, str], set[str]] = {}
+    for role in objects:
+        if role["kind"] == "ClusterRole" and role["metadata"]["labels"].get(label) == "true":
+            for key, verbs in grants(role).items():
+                granted.setdefault(key, set()).update(verbs)
+    return granted
+
+
+def test_editors_and_admins_can_scale_services_and_viewers_can_read_the_scale(render: Render) -> None:
+    """`kubectl scale idsvc` reads and writes the CRD's scale subresource, not the service itself."""
+    scale = ("imagediffusion.dev", "imagediffusionservices/scale")
+    objects = render()
+    assert aggregated_grants(objects, "view").get(scale) == {"get"}
+    for built_in_role in ("edit", "admin"):
+        assert aggregated_grants(objects, built_in_role).get(scale, set()) >= {"get", "update", "patch"}, (
+            built_in_role
+        )

@@ -13,6 +13,7 @@ import yaml
 from diffusion_operator.render import render_deployment
 from diffusion_operator.spec import Meta, parse_spec
 from support.chart import CHART, RELEASE, RELEASE_NAMESPACE, SCENARIOS, Manifest, Render
+from support.idsvc_schema import admission_errors
 
 pytestmark = pytest.mark.integration
 
@@ -233,6 +234,22 @@ def test_fleet_services_merge_defaults_under_their_own_spec(render: Render) -> N
 def test_fleet_only_release_renders_only_the_services(render: Render) -> None:
     kinds = {obj["kind"] for obj in render(*SCENARIOS["fleet-only"])}
     assert kinds == {"ImageDiffusionService"}
+
+
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[path.name for path in CI_VALUES])
+def test_ci_values_render_services_the_api_server_admits(render: Render, values: Path) -> None:
+    """Defaults, schema and CEL rules: the structural check above misses a CEL rule such as
+    "replicas > 1 share one model-cache PVC", which would fail the install."""
+    for svc in by_kind(render("-f", str(values)), "ImageDiffusionService"):
+        assert admission_errors(svc) == [], f"{values.name}: {svc['metadata']['name']}"
+
+
+def test_ci_values_declare_services_to_check(render: Render) -> None:
+    """Guards the test above: some ci/ values file must render services for it to check."""
+    assert any(by_kind(render("-f", str(values)), "ImageDiffusionService") for values in CI_VALUES)
 
 
 def test_notes_example_service_passes_the_crd_schema(

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from support.chart import CHART
+from support.idsvc_schema import admission_errors
 
 VALUES = CHART / "values.yaml"
 SCHEMA = CHART / "values.schema.json"
@@ -80,6 +81,12 @@ BAD_VALUES = {
     "fleet service with a bad name": [
         "--set", "fleet.services[0].name=X_1", "--set", "fleet.services[0].spec.replicas=1",
     ],
+    "fleet service name starting with a digit": [
+        "--set", "fleet.services[0].name=1sdxl", "--set", "fleet.services[0].spec.replicas=1",
+    ],
+    "fleet service name over 52 characters": [
+        "--set", f"fleet.services[0].name={'a' * 53}", "--set", "fleet.services[0].spec.replicas=1",
+    ],
     "fleet service unknown key": [
         "--set", "fleet.services[0].name=x", "--set", "fleet.services[0].spec.replicas=1",
         "--set", "fleet.services[0].replicas=1",
@@ -95,3 +102,22 @@ def test_helm_rejects_bad_values(helm: str, case: str) -> None:
     )
     assert result.returncode != 0, f"{case}: helm accepted it"
     assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+
+
+# Either side of each part of the CRD's rule: DNS-1035 (a letter first, no dash last), at most 52.
+SERVICE_NAMES = ["a", "sd-xl-2", "a" * 52, "a" * 53, "a" * 63, "1sdxl", "-a", "a-", "Sdxl", "sd.xl", "sd_xl"]
+
+
+@pytest.mark.parametrize("name", SERVICE_NAMES, ids=lambda name: f"a*{len(name)}" if len(name) > 9 else name)
+def test_fleet_service_name_rule_is_the_crds(name: str) -> None:
+    """The schema takes a fleet service name exactly when the API server would admit the object."""
+    schema = json.loads(SCHEMA.read_text())["properties"]["fleet"]["properties"]["services"]["items"]
+    schema_takes = jsonschema.Draft7Validator(schema["properties"]["name"]).is_valid(name)
+    service = {
+        "apiVersion": "imagediffusion.dev/v1alpha1",
+        "kind": "ImageDiffusionService",
+        "metadata": {"name": name},
+        "spec": {"model": {"id": "builtin:tiny-sd"}},
+    }
+    crd_takes = admission_errors(service) == []
+    assert schema_takes == crd_takes, f"{name!r}: values schema takes it: {schema_takes}, CRD: {crd_takes}"
