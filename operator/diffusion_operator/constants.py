@@ -47,6 +47,7 @@ HEALTH_PATH: Final = "/health"
 READY_PATH: Final = "/ready"
 ENV_API_KEY: Final = "DIFFUSION_WORKER_API_KEY"
 ENV_HF_TOKEN: Final = "HF_TOKEN"
+ENV_NVIDIA_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"
 MODEL_CACHE_SUFFIX: Final = "-model-cache"
 # A big model (tens of GB) downloads and loads well within this; the startup probe allows it.
 STARTUP_BUDGET_SECONDS: Final = 45 * 60

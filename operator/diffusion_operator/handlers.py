@@ -26,7 +26,7 @@ import kopf
 
 from diffusion_operator import constants as c
 from diffusion_operator.kube import ApiError, KubeApi, load_api_client
-from diffusion_operator.reconcile import Event, Outcome, reconcile_service
+from diffusion_operator.reconcile import Event, Outcome, first_pass_failed, reconcile_service
 
 LOGGER = logging.getLogger(__name__)
 EventPoster = Callable[[kopf.Memo, Mapping[str, Any], Event], None]
@@ -139,13 +139,21 @@ def _converge(memo: kopf.Memo, namespace: str, name: str, post: EventPoster) -> 
     the pass and the status write happen under the service's lock: a pass that waited for the
     lock reads the status the previous one wrote, so a transition (Ready, say) is judged, and its
     Event posted, once. None when the service is gone or being deleted. A failed API call raises
-    TemporaryError, with no Event posted: the retry judges the same transition again.
+    TemporaryError, with no Event posted: the retry judges the same transition again (a service
+    with no status yet first gets a Reconciling one that quotes the error).
     """
     with _lock(memo, namespace, name), _transient_errors_retried():
         owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
         if owner is None or owner["metadata"].get("deletionTimestamp"):
             return None
-        outcome = reconcile_service(memo.api, owner, memo.config.worker_image)
+        try:
+            outcome = reconcile_service(memo.api, owner, memo.config.worker_image)
+        except ApiError as exc:
+            first = first_pass_failed(owner, exc) if exc.transient else None
+            if first is not None:
+                with contextlib.suppress(ApiError):  # the retry raised next writes it again
+                    memo.api.patch_status(namespace, name, first)
+            raise
         if outcome.status_delta:
             memo.api.patch_status(namespace, name, outcome.status_delta)
     for event in outcome.events:

@@ -166,7 +166,8 @@ def _observe(api: KubeApi, meta: Meta) -> Observed:
 @dataclasses.dataclass
 class Applied:
     """What apply_children did: each child as the server now has it (absent: never created), the
-    Events to post, and the server's rejection of each child it refused."""
+    Events to post, and why each child it could not apply was not (the server refused it, or an
+    object that is not the service's has its name)."""
 
     lives: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     events: list[Event] = dataclasses.field(default_factory=list)
@@ -183,33 +184,87 @@ def _changed(live: Mapping[str, Any] | None, applied: Mapping[str, Any]) -> bool
     return version is None or version != (applied.get("metadata") or {}).get("resourceVersion")
 
 
-def apply_children(api: KubeApi, children: list[Manifest]) -> Applied:
+def foreign_owner(live: Mapping[str, Any], meta: Meta) -> str | None:
+    """Why `live`, an object that has a child's name, is not this service's to change; None when it
+    is: an owner reference names this service, or it has no controller and carries this service's
+    labels (a model cache kept by `retainOnDelete`). Applying over anything else would take it
+    over: a Service repointed at the workers, a user's PVC mounted by them and, once owned,
+    garbage-collected with the service, its data with it."""
+    metadata = live.get("metadata") or {}
+    owners = metadata.get("ownerReferences") or []
+    if any(owner.get("uid") == meta.uid for owner in owners):
+        return None
+    controller = next((owner for owner in owners if owner.get("controller")), None)
+    if controller is not None:
+        # An earlier service of this name whose children garbage collection has yet to remove
+        # gets here too: their removal is a child event, and the next pass creates ours.
+        kind, name, uid = controller.get("kind"), controller.get("name"), controller.get("uid")
+        return f"it is controlled by {kind} {name} (uid {uid})"
+    labels = metadata.get("labels") or {}
+    if labels.get(c.LABEL_MANAGED_BY) == c.OPERATOR_NAME and labels.get(c.LABEL_INSTANCE) == meta.name:
+        return None
+    return "it was not created for this service"
+
+
+def apply_children(api: KubeApi, children: list[Manifest], meta: Meta) -> Applied:
     """Apply the children that need it, each on its own: a child the server rejects (a PVC shrink,
     say) does not hold back the others (an image or replicas change in the same commit).
 
+    An object of a child's name that is not this service's (foreign_owner) is left as it is and
+    reported; when it is the model cache, the Deployment, whose pods would mount it, is held back too.
     A transient API error propagates (the caller retries the pass).
     """
     result = Applied()
+    cache_taken = False
     for child in children:
-        kind, meta = child["kind"], child["metadata"]
-        live = api.get(child["apiVersion"], kind, meta["namespace"], meta["name"])
+        kind, name = child["kind"], child["metadata"]["name"]
+        live = api.get(child["apiVersion"], kind, meta.namespace, name)
+        why = foreign_owner(live, meta) if live is not None else None
+        if why is not None:
+            cache_taken = cache_taken or kind == "PersistentVolumeClaim"
+            result.rejected.append(
+                f"{kind} {name} already exists and is not this service's ({why}); "
+                f"delete or rename it, or give the service another name"
+            )
+            continue
+        if kind == "Deployment" and cache_taken:
+            result.rejected.append(
+                f"Deployment {name} not applied: its pods would mount that PersistentVolumeClaim"
+            )
+            continue
         if needs_apply(child, live):
             try:
                 applied = api.apply(child)
             except ApiError as exc:
                 if exc.transient:
                     raise
-                result.rejected.append(f"{kind} {meta['name']}: {exc.message}")
+                result.rejected.append(f"the API server rejected {kind} {name}: {exc.message}")
             else:
                 if _changed(live, applied):
                     verb = "Created" if live is None else "Updated"
                     reason = c.REASON_CREATED if live is None else c.REASON_UPDATED
-                    logger.info("%s %s %s/%s", verb, kind, meta["namespace"], meta["name"])
-                    result.events.append(Event("Normal", reason, f"{verb} {kind} {meta['name']}"))
+                    logger.info("%s %s %s/%s", verb, kind, meta.namespace, name)
+                    result.events.append(Event("Normal", reason, f"{verb} {kind} {name}"))
                 live = applied
         if live is not None:
             result.lives[kind] = live
     return result
+
+
+def first_pass_failed(body: Mapping[str, Any], exc: ApiError) -> dict[str, Any] | None:
+    """The status for a service that has none yet, when its pass failed on an API error that will be
+    retried (a fail-closed admission webhook that is down answers 500 to every apply of a child):
+    Reconciling, with the error, instead of no conditions at all while the retries go on. None for
+    a service that already has conditions: they stay true until a pass finishes."""
+    if _previous_conditions(body):
+        return None
+    message = f"could not create the children yet, retrying: {exc}"
+    verdict = Verdict(
+        ready=(False, c.REASON_PROGRESSING, message),
+        reconciling=(True, c.REASON_PROGRESSING, message),
+        stalled=(False, c.REASON_AS_EXPECTED, ""),
+    )
+    return build_status(meta_from_body(body), verdict, {}, spec=None, observed=Observed(), now=now_iso())
 
 
 def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str) -> Outcome:
@@ -231,11 +286,11 @@ def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str)
         )
         return Outcome(status_delta(previous, status), events, invalid=message)
 
-    applied = apply_children(api, render_children(spec, meta, default_image))
+    applied = apply_children(api, render_children(spec, meta, default_image), meta)
     lives, events = applied.lives, applied.events
     if applied.rejected:
-        # The server rejected a child (e.g. a PVC shrink): it will not fix itself.
-        message = "the API server rejected " + "; ".join(applied.rejected)
+        # The server rejected a child (e.g. a PVC shrink), or its name is taken: neither fixes itself.
+        message = "; ".join(applied.rejected)
         verdict = Verdict(
             ready=(False, c.REASON_APPLY_FAILED, message),
             reconciling=(False, c.REASON_APPLY_FAILED, message),

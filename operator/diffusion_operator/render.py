@@ -126,6 +126,12 @@ def worker_env(spec: ServiceSpec) -> list[dict[str, Any]]:
         {"name": "XDG_CACHE_HOME", "value": f"{c.TMP_MOUNT}/.cache"},
         {"name": "HF_HOME", "value": f"{c.MODEL_CACHE_MOUNT}/huggingface"},
     ]
+    if spec.resources.gpus == 0:
+        # The CUDA base image sets NVIDIA_VISIBLE_DEVICES=all, and the device plugin replaces it
+        # only for a container that asks for GPUs: where NVIDIA's runtime is the node's default
+        # (the GPU Operator's set-up) a CPU worker would see every GPU of the node, and use ones
+        # the scheduler gave to other pods. `void`: the runtime then adds no GPU at all.
+        env.append({"name": c.ENV_NVIDIA_VISIBLE_DEVICES, "value": "void"})
     if spec.api_key_secret is not None:
         env.append(
             {

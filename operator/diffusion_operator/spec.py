@@ -57,7 +57,7 @@ class ParallelismSpec:
 class StorageSpec:
     """spec.storage."""
 
-    url: str
+    url: str | None = None
     public_base_url: str | None = None
     url_expiry_seconds: int | None = None
     credentials_secret: str | None = None
@@ -241,13 +241,15 @@ def parse_spec(spec: Mapping[str, Any]) -> ServiceSpec:
             context_parallel=int(parallelism.get("contextParallel", 1)),
             context_parallel_mode=str(parallelism.get("contextParallelMode", "ulysses")),
         ),
+        # Each field stands alone: urlExpirySeconds also times the worker's own file URLs, and the
+        # credentials also serve model.uri, so neither needs a url.
         storage=StorageSpec(
-            url=str(storage["url"]),
+            url=storage.get("url") or None,
             public_base_url=storage.get("publicBaseUrl"),
             url_expiry_seconds=storage.get("urlExpirySeconds"),
             credentials_secret=(storage.get("credentialsSecretRef") or {}).get("name"),
         )
-        if storage.get("url")
+        if storage
         else None,
         model_cache=ModelCacheSpec(
             size=str(cache.get("size") or c.DEFAULT_MODEL_CACHE_SIZE),

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 import yaml
 
@@ -306,3 +307,62 @@ def test_children_and_pods_are_watched_through_a_server_side_label_selector(
     selectors = [(key, selector) for key, selector in cluster.emulator.watches if key in streamed]
     assert {key for key, _ in selectors} == set(streamed)
     assert all(selector == managed for _, selector in selectors), selectors
+
+
+def test_a_service_of_the_same_name_made_by_someone_else_is_left_alone(
+    cluster: EmulatorThread, kubectl: Kubectl
+) -> None:
+    """Applying over it would repoint it at the workers and, through the owner reference, have the
+    garbage collector delete it with the ImageDiffusionService."""
+    theirs = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "taken", "namespace": kubectl.ns, "labels": {"app": "web"}},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]},
+    }  # fmt: skip
+    path = f"/api/v1/namespaces/{kubectl.ns}/services/taken"
+    assert kubectl.client.apply(path, theirs, manager="someone").status_code in (200, 201)
+    kubectl.apply(tiny("taken"))
+    stalled = wait_for(
+        "Stalled", lambda: (kubectl.condition("taken", "Stalled") or {}).get("status") == "True"
+    )
+    assert stalled
+    message = (kubectl.condition("taken", "Stalled") or {})["message"]
+    assert message.startswith("Service taken already exists and is not this service's"), message
+    service = kubectl.child("services", "taken")
+    assert service is not None
+    assert service["spec"]["selector"] == {"app": "web"} and "ownerReferences" not in service["metadata"]
+    assert kubectl.child("deployments", "taken") is not None  # the other children are still made
+    warnings = wait_for(  # posted after the status is written
+        "the ApplyFailed Event",
+        lambda: [e for e in kubectl.events() if e.get("reason") == c.REASON_APPLY_FAILED],
+    )
+    assert warnings[0]["type"] == "Warning" and warnings[0]["message"] == message
+
+
+def test_a_new_service_whose_children_cannot_be_written_yet_says_so(
+    cluster: EmulatorThread, kubectl: Kubectl
+) -> None:
+    """A fail-closed admission webhook that is down answers every write of a Deployment with 500.
+    The pass is retried; meanwhile the new service has a Reconciling condition quoting the error
+    (DESIGN: never a CR without conditions), and once the webhook is back the children follow."""
+    down = True
+    rejected = kmock.Response(
+        status=500,
+        payload={"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500,
+                 "reason": "InternalError",
+                 "message": 'Internal error occurred: failed calling webhook "policy.example.com"'},
+    )  # fmt: skip
+    cluster.emulator["patch", kmock.resource("apps", "v1", "deployments")][lambda _request: down] << rejected
+    try:
+        kubectl.apply(tiny("webhook"))
+        reconciling = wait_for("a Reconciling condition", lambda: kubectl.condition("webhook", "Reconciling"))
+        assert reconciling["status"] == "True"
+        assert 'failed calling webhook "policy.example.com"' in reconciling["message"]
+        assert kubectl.child("deployments", "webhook") is None
+    finally:
+        down = False
+    wait_for(
+        "the Deployment after the webhook is back",
+        lambda: kubectl.child("deployments", "webhook"),
+        timeout=30,
+    )

@@ -113,6 +113,10 @@ BAD = {
     "no model source": (_with("spec.model", {"revision": "main"}), "exactly one"),
     "gpus not dp*cp": (_with("spec.resources", {"gpus": 2}), "dataParallel * parallelism.contextParallel"),
     "storage scheme": (_with("spec.storage", {"url": "http://bucket/x"}), "scheme"),
+    "public base url without url": (
+        _with("spec.storage", {"publicBaseUrl": "https://cdn.example.com"}),
+        "set storage.url too",
+    ),
     "batch above queue": (_with("spec.limits", {"maxBatchSize": 16, "maxQueue": 8}), "maxBatchSize"),
     "n above queue": (
         _with("spec.limits", {"maxImagesPerRequest": 16, "maxQueue": 8}),
@@ -155,6 +159,16 @@ def test_bad_manifest_is_rejected(name: str) -> None:
     errors = admission_errors(manifest)
     assert errors, f"{name} was admitted"
     assert expected is None or any(expected in e for e in errors), errors
+
+
+def test_storage_fields_other_than_public_base_url_stand_without_a_url() -> None:
+    """urlExpirySeconds also times the worker's own file URLs, and credentialsSecretRef also
+    serves model.uri: neither needs a storage url."""
+    expiry = _with("spec.storage", {"urlExpirySeconds": 600})
+    assert admission_errors(expiry) == []
+    credentials = _with("spec.storage", {"credentialsSecretRef": {"name": "s3"}})
+    credentials["spec"]["model"] = {"uri": "s3://models/sd15"}
+    assert admission_errors(credentials) == []
 
 
 def test_gpus_zero_runs_on_cpu_whatever_the_parallelism() -> None:

@@ -17,6 +17,7 @@ from diffusion_operator.reconcile import (
     Event,
     Outcome,
     apply_children,
+    first_pass_failed,
     is_subset,
     needs_apply,
     reconcile_service,
@@ -152,6 +153,22 @@ def test_transient_api_errors_propagate_for_retry() -> None:
     assert caught.value.transient
 
 
+def test_a_new_service_whose_pass_keeps_failing_gets_reconciling_with_the_error() -> None:
+    """DESIGN: never leave a CR without conditions. A fail-closed admission webhook that is down
+    answers 500 to every apply; the pass is retried, and meanwhile the status says why."""
+    error = ApiError(500, 'Internal error occurred: failed calling webhook "policy.example.com"')
+    status = first_pass_failed(body(SPEC), error)
+    assert status is not None and status["observedGeneration"] == 1
+    conditions = {cond["type"]: cond for cond in status["conditions"]}
+    assert conditions["Reconciling"]["status"] == "True"
+    assert conditions["Ready"]["status"] == conditions["Stalled"]["status"] == "False"
+    assert 'failed calling webhook "policy.example.com"' in conditions["Reconciling"]["message"]
+    assert "endpoint" not in status
+    # A service with conditions keeps them: they describe what runs until a pass finishes.
+    first = reconcile_service(FakeApi(), body(SPEC), "img")  # type: ignore[arg-type]
+    assert first_pass_failed(body(SPEC, first.status_delta), error) is None
+
+
 def test_rejected_child_is_stalled_apply_failed() -> None:
     api = FakeApi(
         fail_apply=ApiError(422, "spec.resources.requests.storage: field can not be less than previous")
@@ -178,6 +195,71 @@ def test_a_rejected_pvc_change_does_not_hold_back_the_deployment() -> None:
     assert (stalled["status"], stalled["reason"]) == ("True", c.REASON_APPLY_FAILED)
     assert stalled["message"].startswith("the API server rejected PersistentVolumeClaim svc-model-cache: ")
     assert [e.reason for e in outcome.events] == [c.REASON_UPDATED, c.REASON_APPLY_FAILED]
+
+
+def stalled_condition(outcome: Outcome) -> dict[str, Any]:
+    return next(x for x in outcome.status_delta["conditions"] if x["type"] == "Stalled")
+
+
+def test_an_object_of_a_childs_name_that_is_not_the_services_is_left_alone() -> None:
+    """A Service `svc` someone made for other pods: applying over it would repoint it at the
+    workers and, with the owner reference, delete it with the service."""
+    api = FakeApi()
+    theirs = {"metadata": {"name": "svc", "namespace": "ns"}, "spec": {"selector": {"app": "other"}}}
+    api.objects[("Service", "ns", "svc")] = copy.deepcopy(theirs)
+    outcome = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
+    assert api.objects[("Service", "ns", "svc")] == theirs
+    assert api.applies == ["PersistentVolumeClaim", "Deployment", "PodDisruptionBudget"]
+    stalled = stalled_condition(outcome)
+    assert (stalled["status"], stalled["reason"]) == ("True", c.REASON_APPLY_FAILED)
+    assert stalled["message"] == (
+        "Service svc already exists and is not this service's (it was not created for this service); "
+        "delete or rename it, or give the service another name"
+    )
+    assert [e.reason for e in outcome.events] == [c.REASON_CREATED] * 3 + [c.REASON_APPLY_FAILED]
+
+
+def test_a_pvc_of_the_caches_name_owned_by_another_controller_holds_back_the_deployment() -> None:
+    """Its pods would mount someone else's volume and write a model into it."""
+    api = FakeApi()
+    owner = {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db", "uid": "s1", "controller": True}
+    theirs = {"metadata": {"name": "svc-model-cache", "namespace": "ns", "ownerReferences": [owner]}}
+    api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")] = copy.deepcopy(theirs)
+    outcome = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
+    assert api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")] == theirs
+    assert api.applies == ["Service", "PodDisruptionBudget"]
+    message = stalled_condition(outcome)["message"]
+    assert "PersistentVolumeClaim svc-model-cache already exists" in message
+    assert "controlled by StatefulSet db (uid s1)" in message
+    assert "Deployment svc not applied: its pods would mount that PersistentVolumeClaim" in message
+
+
+def test_a_kept_model_cache_is_taken_back_and_an_earlier_services_children_are_waited_for() -> None:
+    """A cache kept by retainOnDelete (no owner, this service's labels) is the service's again when
+    it is created anew; a child still owned by an earlier service of the same name (garbage
+    collection under way) is left to the collector, and the pass after its removal creates ours."""
+    api = FakeApi()
+    kept = {
+        "metadata": {
+            "name": "svc-model-cache",
+            "namespace": "ns",
+            "labels": child_labels(Meta("svc", "ns", "old")),
+        }
+    }
+    api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")] = kept
+    earlier = {"kind": c.KIND, "name": "svc", "uid": "old", "controller": True}
+    api.objects[("Service", "ns", "svc")] = {
+        "metadata": {"name": "svc", "namespace": "ns", "ownerReferences": [earlier]}
+    }
+    first = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
+    assert api.applies == ["PersistentVolumeClaim", "Deployment", "PodDisruptionBudget"]
+    cache = api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")]
+    assert [owner["uid"] for owner in cache["metadata"]["ownerReferences"]] == ["u1"]
+    assert "controlled by ImageDiffusionService svc (uid old)" in stalled_condition(first)["message"]
+    del api.objects[("Service", "ns", "svc")]  # the garbage collector's turn
+    second = reconcile_service(api, body(SPEC, first.status_delta), "img")  # type: ignore[arg-type]
+    assert api.applies[-1:] == ["Service"]
+    assert stalled_condition(second)["status"] == "False"
 
 
 def test_a_pass_reads_the_worker_pods_of_its_own_service_into_the_ready_condition() -> None:
@@ -322,14 +404,22 @@ def test_an_apply_that_changed_nothing_posts_no_event() -> None:
             self.next_version = next_version
 
         def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-            return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": "7"}}
+            owners = [{"kind": c.KIND, "name": "svc", "uid": "u1", "controller": True}]
+            metadata = {
+                "name": name,
+                "namespace": namespace,
+                "resourceVersion": "7",
+                "ownerReferences": owners,
+            }
+            return {"metadata": metadata}
 
         def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
             stored = super().apply(manifest)
             stored["metadata"]["resourceVersion"] = self.next_version
             return stored
 
-    children = render_children(parse_spec(SPEC), Meta("svc", "ns", "u1"))
-    assert apply_children(SameVersionApi("7"), children).events == []  # type: ignore[arg-type]
-    updated = apply_children(SameVersionApi("8"), children).events  # type: ignore[arg-type]
+    meta = Meta("svc", "ns", "u1")
+    children = render_children(parse_spec(SPEC), meta)
+    assert apply_children(SameVersionApi("7"), children, meta).events == []  # type: ignore[arg-type]
+    updated = apply_children(SameVersionApi("8"), children, meta).events  # type: ignore[arg-type]
     assert [event.reason for event in updated] == [c.REASON_UPDATED] * len(children)

@@ -175,6 +175,17 @@ def test_secret_references_become_env_value_from_and_env_from() -> None:
     assert "value" not in env["DIFFUSION_WORKER_API_KEY"]
 
 
+def test_storage_without_a_url_still_sets_expiry_and_credentials() -> None:
+    spec = spec_of(
+        model={"uri": "s3://models/sd15"},
+        storage={"urlExpirySeconds": 600, "credentialsSecretRef": {"name": "s3"}},
+    )
+    main = container(render_deployment(spec, META))
+    assert "--storage-url" not in main["args"]
+    assert main["args"][main["args"].index("--url-expiry-seconds") + 1] == "600"
+    assert main["envFrom"] == [{"secretRef": {"name": "s3"}}]
+
+
 def test_pod_env_replaces_an_operator_variable_of_the_same_name_and_appends_the_rest() -> None:
     """A name twice in a container's env makes server-side apply reject the Deployment, which would
     fail every pass; the user's entry wins, in the operator's entry's place."""
@@ -183,6 +194,17 @@ def test_pod_env_replaces_an_operator_variable_of_the_same_name_and_appends_the_
     names = [item["name"] for item in env]
     assert names == ["HOME", "XDG_CACHE_HOME", "HF_HOME", "EXTRA"]
     assert env[2] == {"name": "HF_HOME", "value": "/models/hub"}
+
+
+def test_a_worker_without_gpus_is_shown_none_of_the_nodes_gpus() -> None:
+    """The CUDA base image sets NVIDIA_VISIBLE_DEVICES=all; only a container that asks for GPUs
+    gets the device plugin's value instead, so a CPU worker on a node whose default runtime is
+    NVIDIA's would otherwise run on GPUs the scheduler gave to other pods."""
+    cpu = {e["name"]: e for e in container(render_deployment(spec_of(resources={"gpus": 0}), META))["env"]}
+    assert cpu["NVIDIA_VISIBLE_DEVICES"] == {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"}
+    gpu = container(render_deployment(spec_of(resources={"gpus": 1}), META))
+    assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in gpu["env"]}
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 def _restricted_violations(pod: dict[str, Any]) -> list[str]:
