@@ -371,7 +371,9 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
     error = exc.errors()[0]
     location = [str(part) for part in error.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
-    if error.get("type") in ("json_invalid", "model_attributes_type") or (param is None and "input" in error):
+    # Only the body itself not being an object is invalid_json; a field that should be one
+    # (`nvext: [1]`) is named like any other bad value.
+    if error.get("type") == "json_invalid" or (param is None and "input" in error):
         return APIError(400, "The request body must be a JSON object", code="invalid_json")
     if error.get("type") == "missing":
         return APIError(400, f"`{param}` is required", param=param, code="missing_required_parameter")

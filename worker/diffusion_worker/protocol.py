@@ -26,6 +26,22 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
 FILE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
+def unicode_text(value: Any) -> Any:
+    """A field validator: every string in `value` (or in its list) must be text UTF-8 can encode.
+    JSON lets a lone UTF-16 surrogate through (`"\\ud800"`): in a prompt the tokenizer then failed
+    inside the pipeline, a 500 counted against the engine (three took a replica out of rotation);
+    echoed back (`user`), it failed the response's encoding after the images were made."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    "must be Unicode text, without lone UTF-16 surrogates (\\ud800-\\udfff)"
+                ) from None
+    return value
+
+
 class NvExt(BaseModel):
     """NVIDIA-style extension fields; unknown ones are rejected so typos do not pass silently."""
 
@@ -42,7 +58,9 @@ class NvExt(BaseModel):
         le=MAX_SEED,
         description="Seed of image 0; image i uses seed + i (seed + n - 1 at most 2^62). Absent: random.",
     )
-    annotations: list[str] | None = Field(None, description="Free-form tags; accepted and logged.")
+    annotations: list[str] | None = Field(None, description="Free-form tags; accepted, not used.")
+
+    _unicode_text = field_validator("*", mode="before")(unicode_text)
 
 
 class ImageGenerationRequest(BaseModel):
@@ -67,7 +85,7 @@ class ImageGenerationRequest(BaseModel):
     style: Style | None = Field(None, description="Accepted; has no effect on diffusion models.")
     user: str | None = Field(None, description="End-user id; names the storage folder (sanitised).")
     safety_identifier: str | None = Field(
-        None, description="End-user id; takes precedence over `user` for storage paths and logs."
+        None, description="End-user id; takes precedence over `user` for storage paths."
     )
     background: Background | None = Field(None, description="`auto` or `opaque`; `transparent` is refused.")
     moderation: Moderation | None = Field(
@@ -92,6 +110,8 @@ class ImageGenerationRequest(BaseModel):
     def effective_user(self) -> str | None:
         """`safety_identifier` when non-empty, else `user`."""
         return self.safety_identifier or self.user or None
+
+    _unicode_text = field_validator("*", mode="before")(unicode_text)
 
     @field_validator("prompt")
     @classmethod

@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from diffusion_worker.encoding import ImageEncoder
@@ -46,8 +46,24 @@ QUALITY_STEP_FACTORS: dict[str, float] = {
 }
 # `quality` as responses report it: OpenAI's response and event types name the level made (low,
 # medium, high, xhigh, max); `auto`, and DALL-E's `standard` and `hd`, are request-only names. Each
-# maps to the level with the same default step count.
+# maps to the level with the same default step count (see reported_quality for --quality-steps).
 REPORTED_QUALITY: dict[str, str] = {"auto": "high", "standard": "high", "hd": "xhigh"}
+REPORTED_LEVELS = ("low", "medium", "high", "xhigh", "max")
+
+
+def reported_quality(quality_steps: dict[str, int]) -> dict[str, str]:
+    """Each request-only `quality` -> the level reported for it: its usual one (REPORTED_QUALITY)
+    while both run the same steps, else the level nearest in steps (--quality-steps can set them
+    apart: with `{"high": 40}` and 20 default steps, `auto` runs 20 and is no longer `high`)."""
+    return {
+        name: min(
+            REPORTED_LEVELS,
+            key=lambda level: (abs(quality_steps[level] - quality_steps[name]), level != usual),
+        )
+        for name, usual in REPORTED_QUALITY.items()
+    }
+
+
 UNSUPPORTED_FIELDS = ("svg", "frame_count", "frame_duration_ms", "complexity")
 
 
@@ -62,6 +78,7 @@ class RequestDefaults:
     max_steps: int
     # Why `max_steps` is what it is, for the error message of a request that asks for more.
     max_steps_source: str = "--max-inference-steps"
+    reported_quality: dict[str, str] = field(default_factory=lambda: dict(REPORTED_QUALITY))
 
     @classmethod
     def resolve(cls, settings: WorkerSettings, info: ModelInfo) -> RequestDefaults:
@@ -90,6 +107,7 @@ class RequestDefaults:
             quality_steps=quality_steps,
             max_steps=cap,
             max_steps_source=source,
+            reported_quality=reported_quality(quality_steps),
         )
 
 
@@ -283,7 +301,7 @@ class ImageGenerationService:
         """What the response and stream events report about the images."""
         return {
             "size": format_size((batch.width, batch.height)),
-            "quality": REPORTED_QUALITY.get(request.quality or "auto", request.quality),
+            "quality": self.defaults.reported_quality.get(request.quality or "auto", request.quality),
             "output_format": request.output_format or "png",
             "background": "opaque",
             "safety_identifier": request.effective_user,
@@ -317,9 +335,13 @@ class ImageGenerationService:
             ) from exc
 
     async def _wait(self, job: Any) -> list[Any]:
+        deadline = asyncio.timeout(self.settings.request_timeout)
         try:
-            images = await asyncio.wait_for(self.scheduler.wait(job), timeout=self.settings.request_timeout)
+            async with deadline:
+                images = await self.scheduler.wait(job)
         except TimeoutError as exc:
+            if not deadline.expired():  # the pipeline's own (a socket's, say): it failed
+                raise self._pipeline_failed() from exc
             self.metrics.cancelled.labels(reason="timeout").inc()
             raise APIError(
                 504,
@@ -340,10 +362,7 @@ class ImageGenerationService:
         except APIError:
             raise  # the scheduler's own answer (e.g. 503 device_failed), as it is
         except Exception as exc:
-            # Not logged here: the scheduler logged it, once per batch, naming the device. The
-            # client learns nothing of it (exception text may quote paths or weights).
-            self.metrics.failed.labels(reason="pipeline_error").inc()
-            raise APIError(500, "Internal server error", type="server_error", code="internal_error") from exc
+            raise self._pipeline_failed() from exc
         flagged = sum(isinstance(image, FlaggedImage) for image in images)
         if flagged:
             self.metrics.failed.labels(reason="moderation_blocked").inc()
@@ -355,6 +374,13 @@ class ImageGenerationService:
                 code="moderation_blocked",
             )
         return images
+
+    def _pipeline_failed(self) -> APIError:
+        """The answer to a failed pipeline call, counted. Not logged here: the scheduler logged it,
+        once per batch, naming the device. The client learns nothing of it (exception text may
+        quote paths or weights)."""
+        self.metrics.failed.labels(reason="pipeline_error").inc()
+        return APIError(500, "Internal server error", type="server_error", code="internal_error")
 
     def start_stream(
         self, request: ImageGenerationRequest, request_id: str

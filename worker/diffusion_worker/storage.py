@@ -149,8 +149,10 @@ class ImageStore:
         written: list[str] = []
         try:
             for key, data, content_type in items:
-                self._write(key, data, content_type)
+                # Listed before the write: one that fails part-way (a full disk) leaves a truncated
+                # file, which the worker would otherwise go on serving.
                 written.append(self._path(key))
+                self._write(key, data, content_type)
                 if upload is not None and upload.abandoned:
                     raise UploadAbandonedError("the request stopped waiting")
             urls = [self.url_for(key, request_base_url) for key, _, _ in items]
@@ -180,11 +182,19 @@ class ImageStore:
         self.fs.pipe_file(path, data, **self._content_type_options(content_type))
 
     def _remove(self, paths: list[str]) -> None:
+        """Remove what a failed upload wrote (a path it never reached is no error) and, on local
+        storage, its request's folder, which held nothing else (request ids are unique)."""
         for path in paths:
             try:
                 self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
             except Exception as exc:
                 log.warning("could not remove %s after a failed upload: %s", path, describe_error(exc))
+        if self.is_local:
+            for folder in {path.rsplit("/", 1)[0] for path in paths}:
+                with contextlib.suppress(OSError):  # never made, or not empty
+                    Path(folder).rmdir()
 
     def _content_type_options(self, content_type: str) -> dict[str, Any]:
         if self.protocol in ("s3", "s3a"):

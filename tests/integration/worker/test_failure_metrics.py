@@ -42,6 +42,19 @@ def test_a_failed_pipeline_call_is_counted_as_pipeline_error_and_logged_once(
     assert len(errors) == 1 and errors[0].startswith("generation failed on cpu"), errors
 
 
+def test_a_timeout_raised_by_the_pipeline_is_a_failure_not_the_requests_deadline(
+    start_worker: WorkerFactory,
+) -> None:
+    """A TimeoutError from inside the pipeline (a socket's, say) was taken for --request-timeout:
+    504 "not ready within 600s" at once, counted as a cancelled request."""
+    url, engine = failed_pipeline_worker(start_worker)
+    engine.fail_next = TimeoutError("timed out reading a remote file")
+    response = httpx.post(f"{url}/v1/images/generations", json=BODY, timeout=60)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert metric_value(url, PIPELINE_FAILURES) == 1
+    assert metric_value(url, 'diffusion_worker_cancelled_requests_total{reason="timeout"}') is None  # never
+
+
 def test_a_failed_streamed_request_is_counted_like_a_plain_one(start_worker: WorkerFactory) -> None:
     url, _ = failed_pipeline_worker(start_worker)
     body: dict[str, Any] = {**BODY, "stream": True}

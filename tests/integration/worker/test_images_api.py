@@ -193,6 +193,8 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
         ({"prompt": "p", "nvext": {"guidance_scale": -2}}, "nvext.guidance_scale"),
         ({"prompt": "p", "nvext": {"steps": 3}}, "nvext.steps"),
         ({"prompt": "x" * 4001}, "prompt"),
+        ({"prompt": "p", "nvext": [1]}, "nvext"),
+        ({"prompt": "p", "nvext": "seed=1"}, "nvext"),
     ],
 )
 def test_invalid_requests_are_400_openai_errors_naming_param(worker_url: str, body: dict, param: str) -> None:
@@ -202,6 +204,38 @@ def test_invalid_requests_are_400_openai_errors_naming_param(worker_url: str, bo
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
+
+
+# JSON admits a lone UTF-16 surrogate; no UTF-8 text holds one. Sent as raw bytes: a JSON encoder
+# that writes UTF-8 cannot even produce these bodies.
+NOT_UNICODE = {
+    "prompt": b'{"prompt": "a red \\ud800 circle"}',
+    "nvext.negative_prompt": b'{"prompt": "p", "nvext": {"negative_prompt": "\\udfff"}}',
+    "nvext.annotations": b'{"prompt": "p", "nvext": {"annotations": ["ok", "\\ud800"]}}',
+    "user": b'{"prompt": "p", "user": "\\ud800", "response_format": "b64_json"}',
+    "safety_identifier": b'{"prompt": "p", "safety_identifier": "\\ud800"}',
+}
+
+
+def test_text_with_lone_surrogates_is_a_400_and_costs_the_engine_nothing(worker_url: str) -> None:
+    """Before, a prompt of this kind failed in the tokenizer: a 500 counted against the engine, and
+    the third took the replica out of rotation (503 device_failed until restarted); a `user` of
+    this kind failed the response's encoding after the images were made (and stored)."""
+    for param, body in NOT_UNICODE.items():
+        for _ in range(3):
+            response = httpx.post(
+                f"{worker_url}/v1/images/generations",
+                content=body,
+                headers={"Content-Type": "application/json"},
+            )
+            assert response.status_code == 400, (param, response.text)
+            error = response.json()["error"]
+            assert error["param"] == param and "surrogate" in error["message"], error
+    assert httpx.get(f"{worker_url}/health").status_code == 200
+    good = httpx.post(
+        f"{worker_url}/v1/images/generations", json={"prompt": "p", "response_format": "b64_json"}
+    )
+    assert good.status_code == 200
 
 
 def test_malformed_json_unknown_route_and_wrong_method_are_openai_errors(worker_url: str) -> None:

@@ -161,3 +161,21 @@ def test_more_images_than_the_queue_holds_is_a_400_naming_the_queue_limit(tmp_pa
     error = caught.value
     assert (error.status_code, error.type, error.param) == (400, "invalid_request_error", "n")
     assert "at most 3" in error.message and "--max-queue" in error.message and "got 4" in error.message
+
+
+def test_the_reported_quality_is_the_level_that_runs_the_same_steps(tmp_path: Path) -> None:
+    """`auto`, `standard` and `hd` are request-only names; the response names the level made. Once
+    --quality-steps sets `high` apart from the default, `auto` is no longer `high`."""
+    usual = RequestDefaults.resolve(WorkerSettings(model="m", default_inference_steps=20), INFO)
+    assert usual.reported_quality == {"auto": "high", "standard": "high", "hd": "xhigh"}
+    apart = RequestDefaults.resolve(
+        WorkerSettings(model="m", default_inference_steps=20, quality_steps={"high": 40}), INFO
+    )
+    assert apart.quality_steps["auto"] == 20 and apart.quality_steps["high"] == 40
+    # 20 steps: nearest are medium (10) and xhigh (30), both 10 away; the first in order wins.
+    assert apart.reported_quality["auto"] == apart.reported_quality["standard"] == "medium"
+    assert apart.reported_quality["hd"] == "xhigh"  # still 30 steps, as xhigh
+    svc = service(tmp_path, default_inference_steps=20, quality_steps={"high": 40})
+    batch = svc.build_batch(request())
+    assert batch.num_inference_steps == 20
+    assert svc._echo(request(), batch)["quality"] == "medium"

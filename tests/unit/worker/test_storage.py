@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,6 +84,31 @@ def test_failed_write_removes_what_was_written(tmp_path: Path) -> None:
             [("r/0.png", b"zero", "image/png"), ("r/1.png", b"one", "image/png")], "http://h/"
         )
     assert not (tmp_path / "r" / "0.png").exists()
+
+
+FULL_DISK_WRITE = """
+import resource, signal, sys
+from diffusion_worker.storage import ImageStore, StorageError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+store = ImageStore(sys.argv[1], public_base_url=None, url_expiry_seconds=60)
+try:
+    store.write_and_sign([("users/u/generations/r1/0.png", b"x" * 10_000, "image/png")], "http://h/")
+except StorageError as exc:
+    print("StorageError:", exc)
+"""
+
+
+def test_a_write_that_fails_part_way_leaves_no_truncated_image(tmp_path: Path) -> None:
+    """A real short write: the process may write 4 KiB per file (RLIMIT_FSIZE), the image is 10 KB.
+    Before, the truncated file stayed, and the worker served it (200) on its files route."""
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITE, tmp_path.as_uri()], capture_output=True, text=True, timeout=60
+    )
+    assert "StorageError:" in result.stdout and "File too large" in result.stdout, (
+        result.stdout + result.stderr
+    )
+    assert not (tmp_path / "users" / "u" / "generations" / "r1").exists()
 
 
 class UnsignableMemoryFileSystem(MemoryFileSystem):
