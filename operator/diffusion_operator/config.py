@@ -14,6 +14,7 @@ ENV_LIVENESS_PORT = "DIFFUSION_OPERATOR_LIVENESS_PORT"
 ENV_WORKER_IMAGE = "DIFFUSION_OPERATOR_WORKER_IMAGE"
 ENV_LOG_FORMAT = "DIFFUSION_OPERATOR_LOG_FORMAT"
 ENV_RESYNC_SECONDS = "DIFFUSION_OPERATOR_RESYNC_SECONDS"
+ENV_POD_IP = "DIFFUSION_OPERATOR_POD_IP"  # the chart sets it from status.podIP
 
 LogFormat = Literal["json", "plain"]
 
@@ -32,6 +33,7 @@ class OperatorConfig:
     log_format: LogFormat = "json"
     # Safety net: every service is re-checked this often even when no watch event arrives.
     resync_seconds: float = 60.0
+    pod_ip: str = ""
 
     @property
     def clusterwide(self) -> bool:
@@ -40,8 +42,11 @@ class OperatorConfig:
 
     @property
     def liveness_endpoint(self) -> str:
-        """kopf's liveness URL (GET .../healthz answers 200 while the operator is alive)."""
-        return f"http://0.0.0.0:{self.liveness_port}/healthz"
+        """kopf's liveness URL (GET .../healthz answers 200 while the operator is alive), on the
+        family of the pod's IP, which the kubelet probes: kopf binds one host, and a `::` socket is
+        IPv6-only, so IPv4 unless the pod's IP is IPv6 (single-stack IPv6, IPv6-first dual-stack)."""
+        host = "[::]" if ":" in self.pod_ip else "0.0.0.0"
+        return f"http://{host}:{self.liveness_port}/healthz"
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -67,4 +72,5 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> OperatorConfig:
         worker_image=env.get(ENV_WORKER_IMAGE, "").strip() or DEFAULT_WORKER_IMAGE,
         log_format="json" if log_format == "json" else "plain",
         resync_seconds=resync,
+        pod_ip=env.get(ENV_POD_IP, "").strip(),
     )

@@ -105,7 +105,9 @@ def worker_args(spec: ServiceSpec) -> list[str]:
         flags.append(("--context-parallel-size", spec.parallelism.context_parallel))
         flags.append(("--context-parallel-mode", spec.parallelism.context_parallel_mode))
     flags += [
-        ("--host", "0.0.0.0"),
+        # Every IPv4 and IPv6 address: the kubelet probes the pod's primary IP, IPv6 on single-stack
+        # IPv6 and IPv6-first dual-stack clusters (the worker opens a socket per family it has).
+        ("--host", "::"),
         ("--port", c.WORKER_PORT),
         ("--cache-dir", c.MODEL_CACHE_MOUNT),
         ("--drain-timeout", c.WORKER_DRAIN_SECONDS),

@@ -34,7 +34,7 @@ def serve(settings: WorkerSettings) -> int:
     app = build_app(settings, engine_loader=lambda _settings: engines)
     config = uvicorn.Config(
         app,
-        host=settings.host,
+        host=bind_host(settings.host),
         port=settings.port,
         log_config=None,
         access_log=settings.log_level == "debug",
@@ -50,6 +50,14 @@ def serve(settings: WorkerSettings) -> int:
         signal.signal(signum, _log_signal)
     server.run()
     return 0 if server.started else 1
+
+
+def bind_host(host: str) -> str:
+    """The host uvicorn binds for --host. `::` means every address of both families: asyncio makes
+    an IPv6 listening socket IPv6-only, so `::` as such would refuse IPv4 clients (and probes);
+    an empty host has it open one socket per family the kernel has (IPv4 alone where IPv6 is
+    disabled). So the worker answers on single-stack IPv4, IPv6 and dual-stack clusters alike."""
+    return "" if host in ("::", "[::]") else host
 
 
 class DrainingServer(uvicorn.Server):

@@ -102,7 +102,11 @@ class WorkerSettings(BaseSettings):
         description="Directory for downloaded and built-in models (the model-cache volume in a pod).",
     )
     # --- HTTP ---
-    host: str = Field("0.0.0.0", description="Address to listen on.")
+    host: str = Field(
+        "0.0.0.0",
+        description="Address to listen on; `::` listens on every IPv4 and IPv6 address (the families the "
+        "kernel has), as on single-stack IPv6 and dual-stack clusters.",
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: SecretStr | None = Field(
         None,

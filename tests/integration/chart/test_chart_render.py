@@ -112,6 +112,7 @@ def test_operator_command_env_and_images(render: Render) -> None:
         "DIFFUSION_OPERATOR_LIVENESS_PORT": "8080",
         "DIFFUSION_OPERATOR_WORKER_IMAGE": "ghcr.io/image-diffusion-operator/worker:0.1.0",
         "DIFFUSION_OPERATOR_LOG_FORMAT": "json",
+        "DIFFUSION_OPERATOR_POD_IP": None,  # from status.podIP (valueFrom)
     }
 
 
@@ -132,6 +133,9 @@ def test_liveness_probe_targets_the_kopf_endpoint_on_the_configured_port(render:
     assert container["ports"] == [{"name": "healthz", "containerPort": 9090, "protocol": "TCP"}]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert env_of(container)["DIFFUSION_OPERATOR_LIVENESS_PORT"] == "9090"
+    # kopf listens on the family of the pod's IP, which the probe targets (IPv6-only clusters too).
+    pod_ip = next(item for item in container["env"] if item["name"] == "DIFFUSION_OPERATOR_POD_IP")
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
 
 
 def test_operator_pod_is_locked_down(render: Render) -> None:

@@ -276,6 +276,18 @@ def test_idle_connections_outlive_the_clients_keep_alive(tmp_path: Path, tiny_mo
             assert time.monotonic() - started >= 7
 
 
+def test_host_double_colon_answers_on_ipv4_and_ipv6(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """What the operator renders (`--host ::`): the kubelet probes the pod's primary IP, IPv6 on a
+    single-stack IPv6 cluster. asyncio makes a `::` socket IPv6-only, so bound as such the worker
+    would refuse IPv4; both must answer (IPv6 where this machine has it)."""
+    with worker_process(tiny_model_dir, "--host", "::", "--storage-url", f"file://{tmp_path}") as worker:
+        port = int(urlparse(worker.url).port or 0)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+        if not socket.has_ipv6:
+            pytest.skip("this Python has no IPv6; IPv4 answered")
+        assert httpx.get(f"http://[::1]:{port}/health", timeout=30).status_code == 200
+
+
 def health_over(connection: socket.socket) -> bytes:
     """GET /health on an open connection; the whole response."""
     connection.sendall(b"GET /health HTTP/1.1\r\nHost: worker\r\n\r\n")

@@ -31,6 +31,17 @@ def test_env_sets_namespaces_port_image_and_format() -> None:
     assert config.resync_seconds == 5
 
 
+def test_liveness_listens_on_the_family_of_the_pods_ip() -> None:
+    """The kubelet probes the pod's IP; kopf binds one host, and a `::` socket is IPv6-only."""
+    ipv6 = config_from_env(
+        {"DIFFUSION_OPERATOR_POD_IP": "fd00:10:244::5", "DIFFUSION_OPERATOR_LIVENESS_PORT": "9090"}
+    )
+    assert ipv6.liveness_endpoint == "http://[::]:9090/healthz"
+    assert config_from_env({"DIFFUSION_OPERATOR_POD_IP": "10.244.0.5"}).liveness_endpoint == (
+        "http://0.0.0.0:8080/healthz"
+    )
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

@@ -77,7 +77,7 @@ def test_rendered_args_parse_with_the_workers_own_parser_and_match_the_spec() ->
     assert settings.default_size == "512x512"
     assert settings.data_parallel_size == 1
     assert (settings.context_parallel_size, settings.context_parallel_mode) == (2, "ring")
-    assert (settings.host, settings.port, str(settings.cache_dir)) == ("0.0.0.0", 8000, "/models")
+    assert (settings.host, settings.port, str(settings.cache_dir)) == ("::", 8000, "/models")
 
 
 def test_data_parallel_renders_its_flag() -> None:
@@ -99,7 +99,7 @@ def test_unset_fields_pass_no_flags_so_worker_defaults_hold() -> None:
     args = worker_args(spec_of())
     assert args == [
         "serve", "--model", "builtin:tiny-sd",
-        "--host", "0.0.0.0", "--port", "8000", "--cache-dir", "/models", "--drain-timeout", "265",
+        "--host", "::", "--port", "8000", "--cache-dir", "/models", "--drain-timeout", "265",
     ]  # fmt: skip
 
 
