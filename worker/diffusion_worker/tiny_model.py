@@ -112,7 +112,9 @@ def build_tiny_pipeline(directory: Path, *, seed: int = 0) -> Path:
     )
     pipeline = assemble_sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    # Named after `directory`, so that when `directory` is itself a staging folder (the model
+    # cache's `.NAME.partial-*`) the cache's clean-up of a killed process's leftovers finds this too.
+    staging = Path(tempfile.mkdtemp(prefix=f"{directory.name}.tmp-", dir=directory.parent))
     try:
         pipeline.save_pretrained(staging, safe_serialization=True)
         (staging / "BUILTIN.json").write_text(json.dumps({"builder": "tiny-sd", "seed": seed}) + "\n")

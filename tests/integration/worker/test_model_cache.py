@@ -21,6 +21,7 @@ import openai
 import pytest
 import s3fs
 
+from diffusion_worker.model_source import resolve_model
 from support.seaweedfs import S3Endpoint
 
 pytestmark = pytest.mark.integration
@@ -175,3 +176,35 @@ def test_a_copy_logs_its_size_and_progress(
     progress = [line for line in lines if line.startswith(f"copying {s3_model}: ") and " of " in line]
     assert progress[-1] == f"copying {s3_model}: {size} of {size}"
     assert lines[-1].startswith(f"copied {s3_model}: {size} in ")
+
+
+KILLED_MID_BUILD = """
+import os, sys
+from pathlib import Path
+import diffusers
+save = diffusers.DiffusionPipeline.save_pretrained
+def save_then_die(self, directory, **kwargs):
+    save(self, directory, **kwargs)
+    os._exit(9)  # as SIGKILL, an OOM kill or an eviction would, before the rename into place
+diffusers.DiffusionPipeline.save_pretrained = save_then_die
+from diffusion_worker.model_source import resolve_model
+resolve_model("builtin:tiny-sd", Path(sys.argv[1]))
+"""
+
+
+def test_a_build_killed_part_way_leaves_nothing_once_the_next_process_has_built_the_model(
+    tmp_path: Path,
+) -> None:
+    """The tiny-sd builder staged in a folder the cache's clean-up pattern missed (`..tiny-sd...`):
+    each killed build left its 6.5 MB behind for good."""
+    died = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_BUILD, str(tmp_path)], capture_output=True, timeout=300
+    )
+    assert died.returncode == 9, died.stderr.decode(errors="replace")
+    left = [path.name for path in (tmp_path / "builtin").iterdir() if not path.name.endswith(".lock")]
+    assert left and all(name.startswith(".tiny-sd.partial-") for name in left), left
+    resolve_model("builtin:tiny-sd", tmp_path)
+    remaining = sorted(
+        path.name for path in (tmp_path / "builtin").iterdir() if not path.name.endswith(".lock")
+    )
+    assert remaining == ["tiny-sd"]
