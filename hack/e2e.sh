@@ -2,18 +2,22 @@
 # make e2e: the whole product on a throw-away kind cluster.
 #   kind cluster -> build both images (CPU worker) -> load them into kind -> helm install the chart
 #   -> tests/cluster (apply the CPU sample, kubectl wait Ready, port-forward, official openai client
-#   call, an image comes back, delete the service, its children are gone).
+#   call, an image comes back, delete the service, its children are gone; and the CRD's admission
+#   rules against the real API server).
 # Needs Docker. Not part of `make test`.
 #
 # Environment:
-#   E2E_CLUSTER=image-diffusion-e2e  kind cluster name (reused when it exists)
-#   E2E_KEEP_CLUSTER=0               1: leave the cluster running afterwards (to look around)
+#   E2E_CLUSTER=image-diffusion-e2e  kind cluster name (reused when it exists, and then never deleted)
+#   E2E_KEEP_CLUSTER=0               1: leave the cluster this run created running afterwards
 #   E2E_SKIP_BUILD=0                 1: do not build images (use ones already in the local Docker)
 #   KIND_VERSION=v0.33.0             kind installed into .tools/bin with `go install` when missing
+#   IMAGE_REGISTRY=ghcr.io/image-diffusion-operator  registry part of the image names (as in the Makefile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-export PATH="$ROOT/.tools/bin:$PATH"
+# Appended, not prepended: the user's own helm and kubectl (matching their machine and cluster) win;
+# .tools/bin only fills in what is missing (on Linux x86_64 `make tools` downloads both there).
+export PATH="$PATH:$ROOT/.tools/bin"
 
 CLUSTER=${E2E_CLUSTER:-image-diffusion-e2e}
 KEEP_CLUSTER=${E2E_KEEP_CLUSTER:-0}
@@ -21,7 +25,7 @@ SKIP_BUILD=${E2E_SKIP_BUILD:-0}
 KIND_VERSION=${KIND_VERSION:-v0.33.0}
 RELEASE=image-diffusion-operator
 RELEASE_NAMESPACE=diffusion-system
-REGISTRY=ghcr.io/image-diffusion-operator
+REGISTRY=${IMAGE_REGISTRY:-ghcr.io/image-diffusion-operator}
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 OPERATOR_IMAGE=$REGISTRY/operator:$VERSION
 WORKER_IMAGE=$REGISTRY/worker:$VERSION-cpu
@@ -60,12 +64,17 @@ diagnostics() {
   kubectl get events -A --sort-by=.lastTimestamp | tail -50 || true
 }
 
+CREATED_CLUSTER=0
 finish() {
   local status=$?
   if [[ $status -ne 0 ]]; then
     diagnostics
   fi
-  if [[ $KEEP_CLUSTER == 1 ]]; then
+  if [[ $CREATED_CLUSTER != 1 ]]; then
+    # Someone else's cluster (or an earlier run's, kept): not ours to delete.
+    say "cluster $CLUSTER was there before this run: left running (kubeconfig: kind get kubeconfig --name $CLUSTER)"
+    rm -f "$KUBECONFIG_FILE"
+  elif [[ $KEEP_CLUSTER == 1 ]]; then
     say "cluster kept: export KUBECONFIG=$KUBECONFIG_FILE (delete with: kind delete cluster --name $CLUSTER)"
   else
     say "deleting kind cluster $CLUSTER"
@@ -81,13 +90,15 @@ say "kind cluster $CLUSTER"
 if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
   kind get kubeconfig --name "$CLUSTER" >"$KUBECONFIG_FILE"
 else
+  # Set before creating: a half-made cluster is ours to clean up too.
+  CREATED_CLUSTER=1
   kind create cluster --name "$CLUSTER" --kubeconfig "$KUBECONFIG_FILE" --wait 180s
 fi
 kubectl cluster-info
 
 if [[ $SKIP_BUILD != 1 ]]; then
   say "building $OPERATOR_IMAGE and $WORKER_IMAGE"
-  make images WORKER_VARIANT=cpu
+  make images WORKER_VARIANT=cpu IMAGE_REGISTRY="$REGISTRY"
 fi
 say "loading the images into kind"
 kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$WORKER_IMAGE"
@@ -95,12 +106,24 @@ kind load docker-image --name "$CLUSTER" "$OPERATOR_IMAGE" "$WORKER_IMAGE"
 say "helm install $RELEASE"
 helm upgrade --install "$RELEASE" helm/image-diffusion-operator \
   --namespace "$RELEASE_NAMESPACE" --create-namespace \
+  --set "operator.image.repository=$REGISTRY/operator" \
+  --set "operator.image.tag=$VERSION" \
+  --set "worker.image.repository=$REGISTRY/worker" \
   --set "worker.image.tag=$VERSION-cpu" \
   --set operator.logFormat=plain \
   --wait --timeout 5m
+# On a reused cluster the images were reloaded under the same tags, so helm rendered the same
+# Deployment and left the old operator pod running the old image: restart it onto the new one.
+kubectl -n "$RELEASE_NAMESPACE" rollout restart "deployment/$RELEASE"
 kubectl -n "$RELEASE_NAMESPACE" rollout status "deployment/$RELEASE" --timeout=180s
 kubectl get crd imagediffusionservices.imagediffusion.dev
 
-say "cluster tests: CPU sample -> Ready -> openai client -> image -> delete -> children gone"
-E2E_OPERATOR_NAMESPACE=$RELEASE_NAMESPACE E2E_OPERATOR_DEPLOYMENT=$RELEASE \
-  "$PY" -m pytest -m cluster tests/cluster/test_e2e_kind.py -p no:cacheprovider -v
+say "cluster tests: CPU sample -> Ready -> openai client -> image -> delete -> children gone; CRD admission"
+# Only the admission tests from test_cluster_operator.py: the rest start a second operator in this
+# process, which would race the chart's operator for the same services.
+# E2E_REQUIRE_CLUSTER=1: a skip in tests/cluster (no cluster, no CRD, no kubectl) fails the run
+# instead of passing it with nothing tested.
+E2E_REQUIRE_CLUSTER=1 E2E_OPERATOR_NAMESPACE=$RELEASE_NAMESPACE E2E_OPERATOR_DEPLOYMENT=$RELEASE \
+  "$PY" -m pytest -m cluster -p no:cacheprovider -v \
+  tests/cluster/test_e2e_kind.py tests/cluster/operator/test_cluster_operator.py \
+  -k 'test_e2e_kind or test_the_server_admits_each_sample or test_the_server_rejects_bad_specs'

@@ -2,7 +2,8 @@
 
 Opt-in (marker `cluster`): `make e2e` runs it on a fresh kind cluster after `helm install`; against
 another cluster run `pytest -m cluster tests/cluster/test_e2e_kind.py` with $KUBECONFIG pointing at a
-cluster where the chart is installed. Skipped when no cluster or no CRD is reachable.
+cluster where the chart is installed. Skipped when no cluster or no CRD is reachable (a failure
+under E2E_REQUIRE_CLUSTER=1, as `make e2e` sets).
 """
 
 from __future__ import annotations
@@ -25,13 +26,24 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-pytestmark = pytest.mark.cluster
-
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "crds" / "samples"
 CRD_NAME = "imagediffusionservices.imagediffusion.dev"
 READY_TIMEOUT_S = int(os.environ.get("E2E_READY_TIMEOUT_S", "900"))
+DELETE_TIMEOUT_S = 180  # kubectl delete --timeout, then as long again for the children to go
+WORKER_FAILING_TIMEOUT_S = 300
+OPENAI_TIMEOUT_S, OPENAI_MAX_RETRIES = 300, 2
+KUBECTL_TIMEOUT_S = 120  # one kubectl call that does not wait on anything
 CHILD_KINDS = ("deployments.apps", "services", "persistentvolumeclaims", "poddisruptionbudgets.policy")
+# pytest-timeout counts fixture setup in the first test that needs it: the Ready wait plus the
+# longest wait in any one test, plus room for the plain kubectl calls around them.
+TEST_TIMEOUT_S = (
+    READY_TIMEOUT_S
+    + max(2 * DELETE_TIMEOUT_S, WORKER_FAILING_TIMEOUT_S, OPENAI_TIMEOUT_S * (1 + OPENAI_MAX_RETRIES))
+    + 5 * KUBECTL_TIMEOUT_S
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(TEST_TIMEOUT_S)]
 
 
 def kubectl_path() -> str:
@@ -41,8 +53,14 @@ def kubectl_path() -> str:
     return found
 
 
-def kubectl(*args: str, check: bool = True, timeout: float = 120, stdin: str | None = None) -> str:
+def kubectl(
+    *args: str, check: bool = True, timeout: float = KUBECTL_TIMEOUT_S, stdin: str | None = None
+) -> str:
     """Run kubectl; returns stdout, fails the test with stderr on error when check is set."""
+    # Never kill kubectl before a --timeout=Ns it was given runs out.
+    for arg in args:
+        if waits := re.fullmatch(r"--timeout=(\d+)s", arg):
+            timeout = max(timeout, int(waits.group(1)) + 30)
     result = subprocess.run(
         [kubectl_path(), *args], capture_output=True, text=True, timeout=timeout, input=stdin, check=False
     )
@@ -176,7 +194,9 @@ def test_openai_client_gets_a_generated_image(ready_service: ReadyService, local
     import openai
     from PIL import Image
 
-    client = openai.OpenAI(base_url=local_base_url, api_key="unused", timeout=300, max_retries=2)
+    client = openai.OpenAI(
+        base_url=local_base_url, api_key="unused", timeout=OPENAI_TIMEOUT_S, max_retries=OPENAI_MAX_RETRIES
+    )
     models = [model.id for model in client.models.list()]
     assert ready_service.status["servedModel"] in models
     response = client.images.generate(
@@ -201,9 +221,14 @@ def test_openai_client_gets_a_generated_image(ready_service: ReadyService, local
 def test_deleting_the_service_garbage_collects_its_children(ready_service: ReadyService) -> None:
     assert ready_service.children, "the service owned no children to collect"
     kubectl(
-        "delete", "imagediffusionservice", ready_service.name, "-n", ready_service.namespace, "--timeout=180s"
+        "delete",
+        "imagediffusionservice",
+        ready_service.name,
+        "-n",
+        ready_service.namespace,
+        f"--timeout={DELETE_TIMEOUT_S}s",
     )
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + DELETE_TIMEOUT_S
     left = ready_service.children
     while left and time.monotonic() < deadline:
         time.sleep(2)
@@ -212,7 +237,7 @@ def test_deleting_the_service_garbage_collects_its_children(ready_service: Ready
             for kind, name in left
             if kubectl("get", kind, name, "-n", ready_service.namespace, "--ignore-not-found", "-o", "name")
         ]
-    assert not left, f"children still present 180s after the service was deleted: {left}"
+    assert not left, f"children still present {DELETE_TIMEOUT_S}s after the service was deleted: {left}"
 
 
 def test_a_worker_that_cannot_load_its_model_is_named_in_the_ready_condition(namespace: str) -> None:
@@ -224,7 +249,7 @@ def test_a_worker_that_cannot_load_its_model_is_named_in_the_ready_condition(nam
         key: value for key, value in sample["spec"]["model"].items() if key not in ("id", "path", "uri")
     } | {"path": "/models/missing"}
     kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(sample))
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + WORKER_FAILING_TIMEOUT_S
     ready: dict[str, Any] = {}
     try:
         while time.monotonic() < deadline:
@@ -235,7 +260,8 @@ def test_a_worker_that_cannot_load_its_model_is_named_in_the_ready_condition(nam
             if ready.get("reason") == "WorkerFailing":
                 break
             time.sleep(3)
-        assert ready.get("reason") == "WorkerFailing", f"Ready condition after 300s: {ready}"
+        waited = f"Ready condition after {WORKER_FAILING_TIMEOUT_S}s: {ready}"
+        assert ready.get("reason") == "WorkerFailing", waited
         assert ready["status"] == "False"
         assert "cannot start: --model '/models/missing'" in ready["message"], ready["message"]
     finally:
