@@ -69,6 +69,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
             max_batch_size=min(batch_limit(engine, settings) for engine in engines),
             metrics=metrics,
             batch_wait_seconds=settings.batch_wait_ms / 1000,
+            hung_after_seconds=2 * settings.request_timeout,
         )
         store = ImageStore(
             settings.storage_url,
@@ -276,9 +277,13 @@ async def server_sent_events(
 
 
 def has_working_engine(request: Request) -> bool:
-    """False once every engine left rotation after failing call after call (true while loading)."""
+    """False once every engine left rotation, after failing call after call or with a call that
+    never returned (true while loading)."""
     scheduler: Scheduler | None = getattr(request.app.state, "scheduler", None)
-    return scheduler is None or scheduler.engines_in_rotation > 0
+    if scheduler is None:
+        return True
+    scheduler.remove_hung_engines()
+    return scheduler.engines_in_rotation > 0
 
 
 def metrics_of(request: Request) -> WorkerMetrics:

@@ -392,6 +392,37 @@ def expect(rank: Rank, message: str) -> None:
     )
 
 
+def while_ranks_live(ranks: list[Rank], doing: str, work: Callable[[], None]) -> None:
+    """Run `work` (rank 0's part of a step all ranks take together) while watching the other ranks:
+    ModelLoadError as soon as one exits. Rank 0 alone in the group's rendezvous, or in a collective
+    of the split, waits for COLLECTIVE_TIMEOUT (an hour) for a rank that died there (an NCCL
+    initialisation error, a rank killed for memory). The work runs on a daemon thread, which is
+    left behind blocked when a rank dies: the worker is exiting then."""
+    outcome: list[BaseException | None] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(_raised_by(work)), name="context-parallel-start", daemon=True
+    )
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        for rank in ranks:
+            if not rank.process.is_alive():
+                raise ModelLoadError(
+                    f"context parallel rank {rank.number} exited while the ranks were {doing} (status "
+                    f"{rank.process.exitcode}); its log lines above say why"
+                )
+    if outcome and outcome[0] is not None:
+        raise outcome[0]
+
+
+def _raised_by(work: Callable[[], None]) -> BaseException | None:
+    try:
+        work()
+    except BaseException as exc:
+        return exc
+    return None
+
+
 def free_address() -> str:
     """A loopback TCP rendezvous address nobody listens on right now."""
     with socket.socket() as probe:
@@ -441,14 +472,18 @@ def start(
             check_supported(engine.pipeline, settings)
         for rank in ranks:
             expect(rank, LOADED)
+
+        def join_and_split() -> None:
+            join_group(settings, 0, address, engine.device)
+            parallelize(engine.pipeline, settings)
+
+        while_ranks_live(ranks, "joining their group", join_and_split)
+        for rank in ranks:
+            expect(rank, READY)
     except BaseException:
         for rank in ranks:
             rank.process.kill()
         raise
-    join_group(settings, 0, address, engine.device)
-    parallelize(engine.pipeline, settings)
-    for rank in ranks:
-        expect(rank, READY)
     log.info(
         "context parallel: %d ranks (%s)", settings.context_parallel_size, settings.context_parallel_mode
     )

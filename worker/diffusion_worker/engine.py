@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from diffusion_worker import pipeline_options
+from diffusion_worker.device_thread import DeviceThread
 from diffusion_worker.errors import APIError
 from diffusion_worker.model_source import ModelSourceError, model_defaults, resolve_model
 from diffusion_worker.previews import CleanLatentTap, PreviewPlan, decode_latents
@@ -139,9 +140,17 @@ def select_devices(settings: WorkerSettings) -> list[str]:
     import torch
 
     base = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not base.startswith("cuda"):
+    try:
+        device = torch.device(base)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"--device {base!r} is not a torch device (cuda, cuda:1, cpu): {exc}") from exc
+    if device.type != "cuda":
         return [base] * settings.data_parallel_size
     available = torch.cuda.device_count()
+    if available == 0 or (device.index is not None and device.index >= available):
+        raise ModelLoadError(
+            f"--device {base}: {available} CUDA devices visible (CUDA_VISIBLE_DEVICES, the pod's GPUs)"
+        )
     if settings.data_parallel_size > available:
         raise ModelLoadError(
             f"--data-parallel-size {settings.data_parallel_size} needs as many GPUs; {available} visible"
@@ -184,6 +193,7 @@ class DiffusersEngine:
         self.pipeline = pipeline
         self.device = device
         self.info = with_model_defaults(describe_pipeline(pipeline), defaults or {})
+        self.thread = DeviceThread(f"pipeline-{device}", device)  # every call, warm-up and requests
 
     @classmethod
     def load(cls, settings: WorkerSettings, device: str) -> DiffusersEngine:
@@ -196,6 +206,11 @@ class DiffusersEngine:
             defaults = model_defaults(location)
         except ModelSourceError as exc:
             raise ModelLoadError(str(exc)) from exc
+        except OSError as exc:  # the cache folder missing, read-only, full
+            raise ModelLoadError(
+                f"could not prepare {settings.model!r} under --cache-dir {settings.cache_dir}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         pipeline_class: Any = diffusers.DiffusionPipeline
         if settings.pipeline:
             pipeline_class = getattr(diffusers, settings.pipeline, None)
@@ -217,18 +232,59 @@ class DiffusersEngine:
                 f"could not load model {settings.model!r}: {type(exc).__name__}: {exc}"
             ) from exc
         pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        engine = cls(pipeline, device, defaults)
+        engine.check_makes_images(settings)  # eager: before a compiled denoiser sees its first shape
         apply_pipeline_options(pipeline, settings)
         decode_one_at_a_time_when_out_of_memory(pipeline)
-        pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s (%s) on %s", settings.model, type(pipeline).__name__, device)
-        engine = cls(pipeline, device, defaults)
-        default_size(engine.info, settings)  # a --default-size the model cannot make stops start-up
         return engine
+
+    def check_makes_images(self, settings: WorkerSettings) -> None:
+        """Start an image as a request with only a prompt would, and stop after its first step.
+
+        A pipeline that cannot make an image from a prompt alone (an image-to-image or inpainting
+        class, `--pipeline StableDiffusionXLPipeline` on an SD 1.5 model: its missing components
+        are set to None) loads without complaint; every request then failed, and the scheduler,
+        counting the failures against the device, took the engine out of rotation, so the pod
+        restarted into the same loop with a diagnosis that blamed the GPU. A ModelLoadError here
+        ends start-up with one line instead. The model's default steps, as requests run them (a
+        scheduler may need more than one or two), stopped after the first: the text encoders, the
+        denoiser and the scheduler have all run. A --default-size the model cannot make stops
+        start-up here too."""
+        width, height = default_size(self.info, settings)
+        batch = GenerationBatch(
+            prompts=["a test image"],
+            negative_prompts=None,
+            width=width,
+            height=height,
+            num_inference_steps=settings.default_inference_steps or self.info.default_steps,
+            guidance_scale=self.info.default_guidance_scale,
+            seeds=[0],
+        )
+        try:
+            self.generate(batch, keep_going=lambda: False)
+        except GenerationCancelledError:
+            return  # after its first denoising step, as asked
+        except DeviceOutOfMemoryError as exc:
+            raise ModelLoadError(f"{exc} at start-up: too little free memory for one image") from exc
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{type(self.pipeline).__name__} loaded {settings.model!r} but cannot make an image from a "
+                f"prompt ({type(exc).__name__}: {exc}); this worker serves text-to-image pipelines: check "
+                "--pipeline and the model's model_index.json"
+            ) from exc
 
     def generate(
         self, batch: GenerationBatch, keep_going: KeepGoing | None = None, previews: PreviewPlan | None = None
     ) -> list[Any]:
-        """Run one pipeline call with one CPU generator per image (same noise on any device)."""
+        """Run one pipeline call with one CPU generator per image (same noise on any device), on
+        the engine's own thread whoever calls (DeviceThread)."""
+        return self.thread.call(self._generate, batch, keep_going, previews)
+
+    def _generate(
+        self, batch: GenerationBatch, keep_going: KeepGoing | None, previews: PreviewPlan | None
+    ) -> list[Any]:
         import torch
 
         kwargs: dict[str, Any] = {
@@ -288,6 +344,7 @@ class DiffusersEngine:
 
     def close(self) -> None:
         """Drop the pipeline; frees GPU memory."""
+        self.thread.stop()
         self.pipeline = None
         self.release_memory()
 

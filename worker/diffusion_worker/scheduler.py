@@ -132,6 +132,8 @@ class _EngineSlot:
     name: str
     consecutive_failures: int = 0
     in_rotation: bool = True
+    hung: bool = False  # its call never returned (remove_hung_engines): its thread is lost
+    batch_started: float | None = None  # time.monotonic() of the call running now
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Scheduler:
         metrics: WorkerMetrics,
         batch_wait_seconds: float = 0.0,
         learned_limit_seconds: float = LEARNED_LIMIT_SECONDS,
+        hung_after_seconds: float | None = None,
     ) -> None:
         self._slots = [_EngineSlot(engine, f"engine-{index}") for index, engine in enumerate(engines)]
         self._max_queue = max_queue
@@ -162,6 +165,7 @@ class Scheduler:
         self._learned_limit_seconds = learned_limit_seconds
         self._learned: dict[tuple[Any, ...], _LearnedLimit] = {}
         self._batch_wait_seconds = batch_wait_seconds
+        self._hung_after_seconds = hung_after_seconds
         self.metrics = metrics
         self.metrics.engines_in_rotation.set(len(self._slots))
         self._pending: deque[_Job] = deque()
@@ -187,6 +191,29 @@ class Scheduler:
     def engines_in_rotation(self) -> int:
         """Engines still taking batches; 0 means the worker cannot serve (/ready and /health fail)."""
         return sum(slot.in_rotation for slot in self._slots)
+
+    def remove_hung_engines(self) -> None:
+        """Take out of rotation each engine whose call has run longer than hung_after_seconds.
+
+        A call that never returns (a GPU fault that leaves a kernel spinning, a driver hang) raises
+        nothing for _count_failure to count: its requests timed out one after another while /health
+        answered 200, so the pod was never restarted. Its requests' timeouts stop a working call at
+        its next step, so a call this old is not coming back. Called by the probes (/health, /ready)."""
+        if self._hung_after_seconds is None:
+            return
+        now = time.monotonic()
+        removed = []
+        with self._condition:
+            for slot in self._slots:
+                started = slot.batch_started
+                if slot.in_rotation and started is not None and now - started > self._hung_after_seconds:
+                    slot.hung = True
+                    removed.append((slot, now - started, *self._leave_rotation(slot)))
+        for slot, age, left, stranded in removed:
+            why = (
+                f"its call has run {age:.0f} s, past {self._hung_after_seconds:g} s (twice --request-timeout)"
+            )
+            self._report_left_rotation(slot, why, left, stranded)
 
     @property
     def saturated(self) -> bool:
@@ -353,9 +380,11 @@ class Scheduler:
             if not piece.job.started:
                 piece.job.started = True
                 self.metrics.queue_wait_seconds.observe(now - piece.job.enqueued_at)
+        slot.batch_started = time.monotonic()
         try:
             self._attempt(slot, slices)
         finally:
+            slot.batch_started = None
             self._end_batch(slices)
 
     def _end_batch(self, slices: list[_Slice]) -> None:
@@ -456,17 +485,25 @@ class Scheduler:
             slot.consecutive_failures += 1
             if slot.consecutive_failures < FAILURES_BEFORE_REMOVAL or not slot.in_rotation:
                 return
-            slot.in_rotation = False
-            left = self.engines_in_rotation
-            stranded = self._drop_pending() if left == 0 else []
+            left, stranded = self._leave_rotation(slot)
+        why = f"its last {slot.consecutive_failures} generations failed (the last: {describe_error(error)})"
+        self._report_left_rotation(slot, why, left, stranded)
+
+    def _leave_rotation(self, slot: _EngineSlot) -> tuple[int, list[_Job]]:
+        """Take `slot` out of rotation: the engines left, and (none left) the queue's jobs, taken
+        from the queue. Called with the condition held."""
+        slot.in_rotation = False
+        left = self.engines_in_rotation
+        return left, self._drop_pending() if left == 0 else []
+
+    def _report_left_rotation(self, slot: _EngineSlot, why: str, left: int, stranded: list[_Job]) -> None:
+        """Log that `slot` left rotation; with none left, fail the stranded jobs (503 device_failed)."""
         self.metrics.engines_in_rotation.set(left)
         log.error(
-            "taking %s (%s) out of rotation: its last %d generations failed (the last: %s); "
-            "%d of %d engines left",
+            "taking %s (%s) out of rotation: %s; %d of %d engines left",
             slot.name,
             slot.engine.device,
-            slot.consecutive_failures,
-            describe_error(error),
+            why,
             left,
             len(self._slots),
         )
@@ -538,8 +575,8 @@ class Scheduler:
         with self._condition:
             self._closed = True
             self._condition.notify_all()
-        for thread in self._threads:
-            if thread.is_alive():
+        for slot, thread in zip(self._slots, self._threads, strict=True):
+            if thread.is_alive() and not slot.hung:  # a hung call would hold the shutdown for good
                 thread.join()
 
 

@@ -67,8 +67,8 @@ class WorkerSettings(BaseSettings):
     attention_backend: str | None = Field(
         None,
         description="diffusers attention backend for the denoiser (e.g. flash, _native_cudnn, sage). Only "
-        "transformer models whose attention dispatches through diffusers (Flux, SD3, Qwen-Image, Wan, "
-        "...) can switch; refused at start-up for UNet models, which always use PyTorch SDPA. "
+        "transformer models whose attention dispatches through diffusers (Flux, Qwen-Image, Wan, ...) "
+        "can switch; refused at start-up for the others (UNet models, SD3), which always use PyTorch SDPA. "
         "Default: PyTorch SDPA.",
     )
     compile: bool = Field(

@@ -117,6 +117,50 @@ def test_a_rank_whose_gpu_fails_fails_start_up_at_once(tiny_model_dir: Path) -> 
     assert time.monotonic() - started < 120
 
 
+DIES_JOINING = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from diffusion_worker import context_parallel
+from diffusion_worker.engine import ModelLoadError
+from diffusion_worker.settings import WorkerSettings
+from support import rank_dies_joining
+
+if __name__ == "__main__":
+    settings = WorkerSettings(model=sys.argv[1], context_parallel_size=2)
+    try:
+        context_parallel.start(
+            settings, device_for_rank=lambda rank: "cpu", parallelize=rank_dies_joining.parallelize
+        )
+    except ModelLoadError as exc:
+        print(f"ModelLoadError: {exc}")
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_that_dies_while_the_ranks_join_their_group_fails_start_up_at_once(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Rank 1 loads, says so, and dies joining the group (support.rank_dies_joining). Rank 0 sat in
+    the rendezvous waiting for it for the collective timeout (an hour). In a process of its own:
+    rank 0's join is left blocked on a daemon thread, which only the process's exit ends (as in
+    the worker, which exits on this error)."""
+    script = tmp_path / "dies_joining.py"
+    script.write_text(DIES_JOINING)
+    tests = Path(__file__).resolve().parents[2]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_model_dir), str(tests)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert (
+        "ModelLoadError: context parallel rank 1 exited while the ranks were joining their group (status 3)"
+        in (result.stdout)
+    ), result.stdout + result.stderr
+    assert time.monotonic() - started < 120
+
+
 def test_a_unet_model_is_refused_before_any_rank_starts(tiny_model_dir: Path) -> None:
     """The real split's checks, on the tiny SD pipeline (a UNet: no context-parallel plan)."""
     (engine,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))

@@ -248,6 +248,31 @@ def test_request_timeout_gives_504_and_drops_the_work(start_worker: WorkerFactor
     )
 
 
+def test_an_engine_whose_call_never_returns_leaves_rotation_so_the_pod_restarts(
+    start_worker: WorkerFactory,
+) -> None:
+    """A call held at the gate stands for one that never returns (a driver or GPU fault that
+    leaves a kernel spinning). It raised nothing to count, so /health stayed 200 while every
+    request timed out, and the kubelet never restarted the pod. Past twice --request-timeout the
+    engine leaves rotation, and /health (liveness) and /ready answer 503 device_failed."""
+    engines: list[ObservedEngine] = []
+    url = start_worker(engine_loader=observed_loader(engines, gated=True), request_timeout=1)
+    try:
+        assert post(url, {"prompt": "p", "response_format": "b64_json"}).status_code == 504
+        assert httpx.get(f"{url}/health").status_code == 200, "within twice the timeout it may still return"
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{url}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "device_failed"
+        assert httpx.get(f"{url}/ready").status_code == 503
+        assert "diffusion_worker_engines_in_rotation 0.0" in httpx.get(f"{url}/metrics").text
+        refused = post(url, {"prompt": "p", "response_format": "b64_json"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "device_failed"
+    finally:
+        engines[0].gate.set()  # let the thread end (the worker's shutdown does not wait for it)
+
+
 def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A real worker process: requests in flight at SIGTERM all get their images."""
     flags = ("--drain-timeout", "600", "--max-batch-size", "1", "--storage-url", f"file://{tmp_path}")

@@ -209,6 +209,41 @@ def test_model_load_failure_exits_nonzero_with_a_clear_message(tmp_path: Path) -
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("pipeline", ["StableDiffusionXLPipeline", "StableDiffusionImg2ImgPipeline"])
+def test_a_pipeline_that_cannot_make_images_from_a_prompt_stops_start_up(
+    tmp_path: Path, pipeline: str
+) -> None:
+    """Both load an SD 1.5 model without complaint (SDXL's missing components are set to None).
+    Before, every request then failed with a 500, and after three the engine was taken out of
+    rotation as if its device had failed: a restart loop that blamed the GPU."""
+    result = run_cli(
+        "serve", "--model", "builtin:tiny-sd", "--pipeline", pipeline, "--cache-dir", str(tmp_path)
+    )
+    assert result.returncode == 1
+    assert f"cannot start: {pipeline} loaded 'builtin:tiny-sd' but cannot make an image from a prompt" in (
+        result.stderr
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_cache_dir_that_cannot_be_used_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    """One that cannot be made (here below a file; on a cluster, a read-only or missing mount) was
+    an OSError traceback."""
+    (tmp_path / "a-file").write_text("not a folder")
+    result = run_cli(
+        "serve",
+        "--model",
+        "builtin:tiny-sd",
+        "--cache-dir",
+        str(tmp_path / "a-file" / "cache"),
+        "--port",
+        "1",
+    )
+    assert result.returncode == 1
+    assert f"cannot start: could not prepare 'builtin:tiny-sd' under --cache-dir {tmp_path}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_unknown_builtin_model_names_the_known_ones(tmp_path: Path) -> None:
     result = run_cli("serve", "--model", "builtin:nope", "--cache-dir", str(tmp_path))
     assert result.returncode == 1 and "builtin:tiny-sd" in result.stderr

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from diffusion_worker.cli import build_parser, main
+from diffusion_worker.engine import ModelLoadError, select_devices
 from diffusion_worker.settings import WorkerSettings, settings_from_args
 
 
@@ -130,3 +131,24 @@ def test_storage_timeout_defaults_to_a_minute_and_reads_flag_and_env(monkeypatch
     assert settings_from_args([]).storage_timeout == 9
     with pytest.raises(ValidationError):
         WorkerSettings(storage_timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "--device 'gpu' is not a torch device"),
+        ("cuda", "--device cuda: 0 CUDA devices visible"),
+        ("cuda:2", "--device cuda:2: 0 CUDA devices visible"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_a_load_error_naming_the_flag(device: str, message: str) -> None:
+    """Before, a raw RuntimeError traceback ("gpu") or a message about --data-parallel-size ("cuda").
+    This machine has no CUDA device (the GPU tier tests the other side)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA devices")
+    with pytest.raises(ModelLoadError) as caught:
+        select_devices(WorkerSettings(model="m", device=device))
+    assert str(caught.value).startswith(message)
+    assert select_devices(WorkerSettings(model="m", device="cpu", data_parallel_size=2)) == ["cpu", "cpu"]
