@@ -1,1 +1,2 @@
-"""Kubernetes operator for ImageDiffusionService: renders and applies a worker Deployment, Service and PVC."""
+"""Kubernetes operator for ImageDiffusionService: renders and applies a worker Deployment, Service,
+PodDisruptionBudget and model-cache PVC."""

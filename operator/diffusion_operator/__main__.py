@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             "Environment: DIFFUSION_OPERATOR_NAMESPACES (comma-separated; empty: all), "
             "DIFFUSION_OPERATOR_LIVENESS_PORT (8080), DIFFUSION_OPERATOR_WORKER_IMAGE, "
-            "DIFFUSION_OPERATOR_LOG_FORMAT (json|plain), DIFFUSION_OPERATOR_RESYNC_SECONDS (60)."
+            "DIFFUSION_OPERATOR_LOG_FORMAT (json|plain), DIFFUSION_OPERATOR_RESYNC_SECONDS (60), "
+            "DIFFUSION_OPERATOR_POD_IP (the liveness endpoint listens on its address family)."
         )
         return 0
     try:

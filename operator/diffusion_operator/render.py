@@ -1,4 +1,5 @@
-"""Pure rendering: ServiceSpec + Meta -> the Deployment, Service and PVC manifests (no client, no I/O)."""
+"""Pure rendering: ServiceSpec + Meta -> the Deployment, Service, PodDisruptionBudget and PVC manifests
+(no client, no I/O)."""
 
 from __future__ import annotations
 

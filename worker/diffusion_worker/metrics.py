@@ -36,7 +36,8 @@ class WorkerMetrics:
         )
         self.encode_seconds = Histogram(
             "diffusion_worker_encode_seconds",
-            "Time to encode the images of one response or streamed event, on the CPU, by output format.",
+            "Wall time to encode the images of one response or streamed event (on the encoder threads), "
+            "by output format.",
             ["output_format"],
             buckets=ENCODE_BUCKETS,
             registry=self.registry,

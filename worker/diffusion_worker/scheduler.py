@@ -198,7 +198,9 @@ class Scheduler:
         A call that never returns (a GPU fault that leaves a kernel spinning, a driver hang) raises
         nothing for _count_failure to count: its requests timed out one after another while /health
         answered 200, so the pod was never restarted. Its requests' timeouts stop a working call at
-        its next step, so a call this old is not coming back. Called by the probes (/health, /ready)."""
+        its next step, so a call this old is not coming back. Only engines whose calls can be
+        stopped so (ModelInfo.supports_step_callback; not context parallel) are judged. Called by
+        the probes (/health, /ready)."""
         if self._hung_after_seconds is None:
             return
         now = time.monotonic()
@@ -206,7 +208,15 @@ class Scheduler:
         with self._condition:
             for slot in self._slots:
                 started = slot.batch_started
-                if slot.in_rotation and started is not None and now - started > self._hung_after_seconds:
+                # Only a call that a timeout stops at its next step: one that cannot be stopped (context
+                # parallel, a pipeline without step callbacks) may run long and still be working.
+                stoppable = slot.engine.info.supports_step_callback
+                if (
+                    stoppable
+                    and slot.in_rotation
+                    and started is not None
+                    and now - started > self._hung_after_seconds
+                ):
                     slot.hung = True
                     removed.append((slot, now - started, *self._leave_rotation(slot)))
         for slot, age, left, stranded in removed:

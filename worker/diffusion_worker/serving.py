@@ -469,7 +469,8 @@ class ImageGenerationService:
         except Exception as exc:
             log_failure(log, "streamed generation failed", exc)
             self.metrics.failed.labels(reason="internal_error").inc()
-            yield {"type": "error", **APIError(500, "Internal server error", type="server_error").body()}
+            failed = APIError(500, "Internal server error", type="server_error", code="internal_error")
+            yield {"type": "error", **failed.body()}
         finally:
             if not waiter.done():
                 waiter.cancel()

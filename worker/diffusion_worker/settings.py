@@ -43,8 +43,9 @@ class WorkerSettings(BaseSettings):
     # --- model ---
     model: str = Field(
         DEFAULT_MODEL,
-        description="Model to serve: a Hugging Face Hub id, a local diffusers pipeline directory, "
-        "or builtin:NAME (no download): builtin:shapes draws coloured shapes, builtin:tiny-sd is "
+        description="Model to serve: a Hugging Face Hub id, a local diffusers pipeline directory, an "
+        "s3:// or gs:// pipeline directory (copied into --cache-dir), or builtin:NAME (no download): "
+        "builtin:shapes draws coloured shapes, builtin:tiny-sd is "
         "random weights for tests.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of --model.")
@@ -153,7 +154,9 @@ class WorkerSettings(BaseSettings):
         description="Largest nvext.num_inference_steps accepted; lower if the model's scheduler cannot run "
         "that many (DDIM and PNDM stop at 999).",
     )
-    max_images_per_request: int = Field(10, ge=1, le=128, description="Largest `n` accepted.")
+    max_images_per_request: int = Field(
+        10, ge=1, le=128, description="Largest `n` accepted (a lower --max-queue lowers it: a 400 names it)."
+    )
     max_pixels: int = Field(2048 * 2048, ge=64 * 64, description="Largest width*height accepted for `size`.")
     max_prompt_length: int = Field(
         4000, ge=1, description="Longest prompt (and negative prompt), in characters."
@@ -186,7 +189,9 @@ class WorkerSettings(BaseSettings):
     request_timeout: float = Field(
         600,
         gt=0,
-        description="Seconds a request may wait and run before it gets 504 and its work is dropped.",
+        description="Seconds a request may wait and run before it gets 504 and its work is dropped. A "
+        "pipeline call that can stop at a step and has run twice this long is taken for hung: its pipeline "
+        "leaves rotation.",
     )
     drain_timeout: float = Field(
         120,
@@ -203,16 +208,21 @@ class WorkerSettings(BaseSettings):
     )
     # --- defaults for requests that leave a value out ---
     default_inference_steps: int | None = Field(
-        None, ge=1, description="Steps when a request gives none. Default: the pipeline's own default."
+        None,
+        ge=1,
+        description="Steps when a request gives none. Default: the model directory's worker_defaults.json, "
+        "else the pipeline's own default.",
     )
     default_guidance_scale: float | None = Field(
         None,
         ge=0,
-        description="Guidance scale when a request gives none. Default: the pipeline's own default.",
+        description="Guidance scale when a request gives none. Default: the model directory's "
+        "worker_defaults.json, else the pipeline's own default.",
     )
     default_size: str | None = Field(
         None,
-        description="WIDTHxHEIGHT when a request gives none or `auto`. Default: the model's native size.",
+        description="WIDTHxHEIGHT when a request gives none or `auto`. Default: the model's native size. "
+        "One the model cannot make (not a multiple of its 8, 16 or 32; above --max-pixels) stops start-up.",
     )
     quality_steps: dict[str, int] | None = Field(
         None,
@@ -223,7 +233,10 @@ class WorkerSettings(BaseSettings):
     )
     # --- parallelism ---
     data_parallel_size: int = Field(
-        1, ge=1, description="Pipelines loaded, one per device; batches go to any free one."
+        1,
+        ge=1,
+        description="Pipelines loaded, one per device; batches go to any free one. One that fails 3 calls "
+        "in a row, or hangs, leaves rotation; with none left /health and /ready answer 503.",
     )
     context_parallel_size: int = Field(
         1,

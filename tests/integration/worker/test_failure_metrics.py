@@ -61,6 +61,7 @@ def test_a_failed_streamed_request_is_counted_like_a_plain_one(start_worker: Wor
     with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=60) as response:
         text = "".join(response.iter_text())
     assert "event: error" in text and "server_error" in text
+    assert '"code":"internal_error"' in text, "the code the errors table gives a 500"
     assert metric_value(url, PIPELINE_FAILURES) == 1
 
 
