@@ -13,12 +13,13 @@ from typing import Any
 
 from diffusion_operator import constants as c
 
-# Waiting reasons that mean the container will not start without a change or a retry.
+# Waiting reasons that mean the container will not start without a change or a retry. Not
+# ErrImagePull: the kubelet's first failed pull (a registry's 503), which it retries as it does a
+# first crash; a pull that keeps failing turns into ImagePullBackOff.
 FAILING_WAITING_REASONS = frozenset(
     {
         "CrashLoopBackOff",
         "ImagePullBackOff",
-        "ErrImagePull",
         "InvalidImageName",
         "CreateContainerConfigError",
         "CreateContainerError",
@@ -42,27 +43,60 @@ def _last_exit(status: Mapping[str, Any]) -> str:
     )
     if not terminated:
         return ""
-    detail = _last_line(terminated.get("message") or "") or terminated.get("reason") or ""
-    return f"; last exit {terminated.get('exitCode', '?')}" + (f": {detail}" if detail else "")
+    # With FallbackToLogsOnError the message is the log's tail, which says nothing of an OOM kill.
+    code, reason = terminated.get("exitCode", "?"), terminated.get("reason") or ""
+    message = _last_line(terminated.get("message") or "")
+    if not message:
+        return f"; last exit {code}" + (f": {reason}" if reason else "")
+    named = f" ({reason})" if reason and reason not in ("Error", "Completed") else ""
+    return f"; last exit {code}{named}: {message}"
+
+
+def _crashed_before(status: Mapping[str, Any]) -> bool:
+    """Restarted after a failed run and not ready since: between two crashes of a crash loop the
+    container runs (loading the model) in state `running`, and judging only the current state
+    flipped the verdict (and posted the Warning) at every restart."""
+    last = (status.get("lastState") or {}).get("terminated") or {}
+    return (
+        int(status.get("restartCount", 0)) > 0
+        and int(last.get("exitCode", 0)) != 0
+        and not status.get("ready", False)
+    )
+
+
+def _failing_status(status: Mapping[str, Any], what: str) -> str | None:
+    """Why the container of `status` fails, prefixed with `what`; None while it may yet start."""
+    waiting = (status.get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason")
+    terminated = (status.get("state") or {}).get("terminated") or {}
+    restarts = int(status.get("restartCount", 0))
+    if reason in FAILING_WAITING_REASONS:
+        if reason == "CrashLoopBackOff":
+            return f"{what}: {reason}, restarted {restarts} times{_last_exit(status)}"
+        message = _last_line(waiting.get("message") or "")
+        return f"{what}: {reason}" + (f": {message}" if message else "")
+    # A first failed run is the kubelet's to retry (a node under pressure, a flaky mount): failing
+    # once it has been restarted and failed again, or crashed and is not ready since.
+    if terminated and int(terminated.get("exitCode", 0)) != 0 and restarts > 0:
+        return f"{what}: the worker exited{_last_exit(status)}"
+    if _crashed_before(status):
+        return f"{what}: restarted {restarts} times, not ready since{_last_exit(status)}"
+    return None
 
 
 def _failing_container(pod: Mapping[str, Any]) -> str | None:
     name = pod["metadata"]["name"]
-    for status in (pod.get("status") or {}).get("containerStatuses") or ():
-        if status.get("name") != c.WORKER_CONTAINER_NAME:
-            continue
-        waiting = (status.get("state") or {}).get("waiting") or {}
-        reason = waiting.get("reason")
-        terminated = (status.get("state") or {}).get("terminated") or {}
-        if reason in FAILING_WAITING_REASONS:
-            restarts = int(status.get("restartCount", 0))
-            what = f"worker pod {name}: {reason}"
-            if reason == "CrashLoopBackOff":
-                return f"{what}, restarted {restarts} times{_last_exit(status)}"
-            message = _last_line(waiting.get("message") or "")
-            return f"{what}" + (f": {message}" if message else "")
-        if terminated and int(terminated.get("exitCode", 0)) != 0:
-            return f"worker pod {name}: the worker exited{_last_exit(status)}"
+    pod_status = pod.get("status") or {}
+    # Init containers first: injected ones (a service mesh's, a secrets agent's) that fail keep the
+    # worker waiting in PodInitializing, which says nothing.
+    for status in pod_status.get("initContainerStatuses") or ():
+        if problem := _failing_status(status, f"worker pod {name}: init container {status.get('name')}"):
+            return problem
+    for status in pod_status.get("containerStatuses") or ():
+        if status.get("name") == c.WORKER_CONTAINER_NAME and (
+            problem := _failing_status(status, f"worker pod {name}")
+        ):
+            return problem
     return None
 
 
@@ -82,8 +116,11 @@ def worker_pod_problem(pods: Sequence[Mapping[str, Any]]) -> tuple[str, str] | N
     """(condition reason, message) for the first pod, by name, that fails or cannot be placed;
     a failing container first (it names its cause), then a pod no node can take. None: no problem
     the pods can tell (they may just be starting or loading the model)."""
+    # Not pods being deleted, nor pods that ended (evicted, or left by a node shutdown: they stay
+    # until pod garbage collection, and their replacements are what runs).
     live = [pod for pod in sorted(pods, key=lambda pod: pod["metadata"]["name"])
-            if pod["metadata"].get("deletionTimestamp") is None]  # fmt: skip
+            if pod["metadata"].get("deletionTimestamp") is None
+            and (pod.get("status") or {}).get("phase") not in ("Failed", "Succeeded")]  # fmt: skip
     for reason, explain in (
         (c.REASON_WORKER_FAILING, _failing_container),
         (c.REASON_WORKER_UNSCHEDULABLE, _unschedulable),

@@ -44,7 +44,12 @@ def _deployment_condition(deployment: Mapping[str, Any], type_: str) -> Mapping[
 
 
 def _deadline_exceeded(deployment: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The Deployment's Progressing condition when its progress deadline has passed."""
+    """The Deployment's Progressing condition when its progress deadline has passed, for its
+    current generation: a condition left from the generation before (the apply of a fix, a scale
+    to 0, answered before the controller saw it) would mark the fix Stalled at once."""
+    status = deployment.get("status") or {}
+    if int(status.get("observedGeneration", 0)) < int(deployment["metadata"].get("generation", 1)):
+        return None
     progressing = _deployment_condition(deployment, "Progressing")
     stalled = progressing.get("status") == "False" and progressing.get("reason") == "ProgressDeadlineExceeded"
     return progressing if stalled else None

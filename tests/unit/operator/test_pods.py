@@ -109,7 +109,7 @@ def test_waiting_reasons_that_name_their_cause_are_quoted() -> None:
 
 def test_a_long_log_line_is_cut_from_the_start_so_its_end_survives() -> None:
     line = "x" * 1000 + " the cause"
-    crashed = pod("p", containers=[worker({"terminated": {"exitCode": 70, "message": line}}, restarts=0)])
+    crashed = pod("p", containers=[worker({"terminated": {"exitCode": 70, "message": line}}, restarts=1)])
     reason, message = worker_pod_problem([crashed]) or ("", "")
     assert reason == c.REASON_WORKER_FAILING
     assert message.startswith("worker pod p: the worker exited; last exit 70: ...xxx")
@@ -161,3 +161,74 @@ def test_a_stalled_rollout_names_the_pod_problem_too() -> None:
     assert verdict.stalled[:2] == (True, c.REASON_ROLLOUT_STALLED)
     assert verdict.stalled[2].endswith("; worker pod svc-abc-1 cannot be scheduled: 0/3 nodes are available: "
                                        "3 Insufficient nvidia.com/gpu.")  # fmt: skip
+
+
+def test_a_crash_loop_is_failing_between_crashes_too() -> None:
+    """Between two crashes the worker runs (loading the model) before it crashes again; judged on
+    its current state alone, the verdict (Stalled) flipped and the Warning was posted at every
+    restart."""
+    last = {"terminated": {"exitCode": 1, "message": "cannot start: out of memory"}}
+    loading_again = pod(
+        "p", containers=[worker({"running": {"startedAt": "T"}}, restarts=4, ready=False, lastState=last)]
+    )
+    assert worker_pod_problem([loading_again]) == (
+        c.REASON_WORKER_FAILING,
+        "worker pod p: restarted 4 times, not ready since; last exit 1: cannot start: out of memory",
+    )
+    recovered = pod(
+        "p", containers=[worker({"running": {"startedAt": "T"}}, restarts=4, ready=True, lastState=last)]
+    )
+    assert worker_pod_problem([recovered]) is None
+
+
+def test_a_first_failure_the_kubelet_retries_is_no_problem_yet() -> None:
+    """One failed pull (a registry's 503) or one exit: the kubelet retries both."""
+    pull = pod("p", containers=[worker({"waiting": {"reason": "ErrImagePull", "message": "503"}})])
+    exited = pod("q", containers=[worker({"terminated": {"exitCode": 137, "reason": "Error"}})])
+    assert worker_pod_problem([pull, exited]) is None
+    backoff = pod("p", containers=[worker({"waiting": {"reason": "ImagePullBackOff", "message": "503"}})])
+    assert worker_pod_problem([backoff]) == (c.REASON_WORKER_FAILING, "worker pod p: ImagePullBackOff: 503")
+
+
+def test_an_oom_kill_is_named_beside_the_last_log_line() -> None:
+    """FallbackToLogsOnError makes the log's tail the termination message, which says nothing of
+    the kill."""
+    killed = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "message": "INFO loading unet weights"}}
+    looping = pod(
+        "p", containers=[worker({"waiting": {"reason": "CrashLoopBackOff"}}, restarts=2, lastState=killed)]
+    )
+    assert worker_pod_problem([looping]) == (
+        c.REASON_WORKER_FAILING,
+        "worker pod p: CrashLoopBackOff, restarted 2 times; "
+        "last exit 137 (OOMKilled): INFO loading unet weights",
+    )
+
+
+def test_a_failing_init_container_is_named() -> None:
+    """An injected init container (a mesh's, a secrets agent's) that fails keeps the worker in
+    PodInitializing, which says nothing."""
+    stuck = pod(
+        "p",
+        containers=[worker({"waiting": {"reason": "PodInitializing"}})],
+        initContainerStatuses=[
+            {"name": "istio-init", "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "restartCount": 5}
+        ],
+    )
+    assert worker_pod_problem([stuck]) == (
+        c.REASON_WORKER_FAILING,
+        "worker pod p: init container istio-init: CrashLoopBackOff, restarted 5 times",
+    )
+
+
+def test_pods_that_ended_are_not_blamed() -> None:
+    """An evicted pod (phase Failed) stays until pod garbage collection; its replacement is what runs."""
+    evicted = pod(
+        "a-evicted",
+        containers=[
+            worker({"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown"}}, restarts=1)
+        ],
+        phase="Failed",
+        reason="Evicted",
+    )
+    loading = pod("b", containers=[worker({"running": {"startedAt": "T"}}, ready=False)])
+    assert worker_pod_problem([evicted, loading]) is None

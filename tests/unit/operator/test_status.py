@@ -80,6 +80,19 @@ def test_progress_deadline_exceeded_is_stalled() -> None:
     assert not verdict.reconciling[0]
 
 
+def test_a_deadline_left_from_the_generation_before_does_not_stall_the_fix() -> None:
+    """The apply of a fix (or a scale to 0) is answered before the controller has seen it: the old
+    generation's ProgressDeadlineExceeded is still there, and Flux or a kstatus wait would have
+    read the new generation as Failed at once."""
+    exceeded = [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                 "message": "ReplicaSet has timed out progressing."}]  # fmt: skip
+    fix_applied = deployment(generation=6, observed=5, conditions=exceeded)
+    verdict = judge(SPEC, META, Observed(deployment=fix_applied))
+    assert verdict.stalled[0] is False and verdict.reconciling[:2] == (True, c.REASON_ROLLING_OUT)
+    seen = deployment(generation=6, observed=6, conditions=exceeded)
+    assert judge(SPEC, META, Observed(deployment=seen)).stalled[:2] == (True, c.REASON_ROLLOUT_STALLED)
+
+
 COMPLETE = [
     {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
     {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
