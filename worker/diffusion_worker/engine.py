@@ -301,14 +301,31 @@ class DiffusersEngine:
             kwargs["negative_prompt"] = batch.negative_prompts
         tap = CleanLatentTap(self.pipeline.scheduler) if previews and previews.rows_at_step else None
         if self.info.supports_step_callback and (keep_going is not None or tap is not None):
+            previews_failed = False
 
             def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                nonlocal previews_failed
                 if keep_going is not None and not keep_going():
                     raise GenerationCancelledError(f"stopped after step {step + 1}")
-                if tap is not None and previews is not None and tap.latest is not None:
+                if (
+                    tap is not None
+                    and previews is not None
+                    and tap.latest is not None
+                    and not previews_failed
+                ):
                     rows = previews.rows_at_step.get(step + 1)
                     if rows:
-                        images = decode_latents(self.pipeline, tap.latest[rows], batch.width, batch.height)
+                        try:
+                            images = decode_latents(
+                                self.pipeline, tap.latest[rows], batch.width, batch.height
+                            )
+                        except Exception as exc:
+                            # A preview is extra work the API lets go missing (fewer partial images
+                            # than asked): its failure (the extra VAE decode out of memory, say) must
+                            # not fail, split or retry the batch, nor count against the device.
+                            previews_failed = True
+                            log.warning("previews stopped for this batch: decoding one failed: %s", exc)
+                            return tensors
                         for row, image in zip(rows, images, strict=True):
                             previews.sink(row, step + 1, image)
                 return tensors

@@ -432,7 +432,9 @@ class ImageGenerationService:
             }
 
         try:
-            while not waiter.done() or not partials.empty():
+            # Once the work failed (timeout, out of memory, pipeline error), previews still queued
+            # are not sent: the stream ends with the error alone.
+            while not waiter.done() or (not partials.empty() and _succeeded(waiter)):
                 getter = asyncio.ensure_future(partials.get())
                 racing: list[asyncio.Future[Any]] = [getter, waiter]
                 try:
@@ -509,3 +511,8 @@ class ImageGenerationService:
             raise StorageError(
                 f"images not stored under {self.store.storage_url} within {timeout:g}s (--storage-timeout)"
             ) from exc
+
+
+def _succeeded(done: asyncio.Future[Any]) -> bool:
+    """Whether a finished future holds a result (not an error, not cancelled)."""
+    return not done.cancelled() and done.exception() is None

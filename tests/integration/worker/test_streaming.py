@@ -341,3 +341,27 @@ def test_responses_and_events_validate_strictly_against_the_openai_types(
     ]
     ImageGenPartialImageEvent.model_validate(events[0])
     ImageGenCompletedEvent.model_validate(events[1])
+
+
+def test_a_preview_that_fails_to_decode_costs_the_stream_only_its_previews(
+    start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preview decode made to fail (no real input makes the tiny VAE fail; on a GPU, the extra
+    decode running out of memory would): before, the whole call failed, so every request of the
+    batch got a 500 and the failure counted against the engine. Now the stream has fewer previews
+    (as the API allows) and its image."""
+    from diffusion_worker import engine
+
+    def failing_decode(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("preview decode ran out of memory")
+
+    monkeypatch.setattr(engine, "decode_latents", failing_decode)
+    url = start_worker()
+    body = {"prompt": "p", "stream": True, "partial_images": 2, "nvext": {"num_inference_steps": 4}}
+    with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=120) as response:
+        text = "".join(response.iter_text())
+    events = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
+    assert [event["type"] for event in events] == ["image_generation.completed"]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'diffusion_worker_failed_requests_total{reason="pipeline_error"}' not in metrics
+    assert "diffusion_worker_out_of_memory_splits_total 0.0" in metrics
