@@ -64,12 +64,15 @@ def _crashed_before(status: Mapping[str, Any]) -> bool:
     )
 
 
-def _failing_status(status: Mapping[str, Any], what: str) -> str | None:
-    """Why the container of `status` fails, prefixed with `what`; None while it may yet start."""
+def _failing_status(status: Mapping[str, Any], what: str, exited: str = "the worker exited") -> str | None:
+    """Why the container of `status` fails, prefixed with `what`; None while it may yet start, and
+    for one that finished its work (an init container done, exit 0)."""
     waiting = (status.get("state") or {}).get("waiting") or {}
     reason = waiting.get("reason")
     terminated = (status.get("state") or {}).get("terminated") or {}
     restarts = int(status.get("restartCount", 0))
+    if terminated and int(terminated.get("exitCode", 0)) == 0:
+        return None
     if reason in FAILING_WAITING_REASONS:
         if reason == "CrashLoopBackOff":
             return f"{what}: {reason}, restarted {restarts} times{_last_exit(status)}"
@@ -78,7 +81,7 @@ def _failing_status(status: Mapping[str, Any], what: str) -> str | None:
     # A first failed run is the kubelet's to retry (a node under pressure, a flaky mount): failing
     # once it has been restarted and failed again, or crashed and is not ready since.
     if terminated and int(terminated.get("exitCode", 0)) != 0 and restarts > 0:
-        return f"{what}: the worker exited{_last_exit(status)}"
+        return f"{what}: {exited}{_last_exit(status)}"
     if _crashed_before(status):
         return f"{what}: restarted {restarts} times, not ready since{_last_exit(status)}"
     return None
@@ -90,7 +93,8 @@ def _failing_container(pod: Mapping[str, Any]) -> str | None:
     # Init containers first: injected ones (a service mesh's, a secrets agent's) that fail keep the
     # worker waiting in PodInitializing, which says nothing.
     for status in pod_status.get("initContainerStatuses") or ():
-        if problem := _failing_status(status, f"worker pod {name}: init container {status.get('name')}"):
+        init = f"worker pod {name}: init container {status.get('name')}"
+        if problem := _failing_status(status, init, exited="it exited"):
             return problem
     for status in pod_status.get("containerStatuses") or ():
         if status.get("name") == c.WORKER_CONTAINER_NAME and (

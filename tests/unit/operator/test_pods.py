@@ -232,3 +232,16 @@ def test_pods_that_ended_are_not_blamed() -> None:
     )
     loading = pod("b", containers=[worker({"running": {"startedAt": "T"}}, ready=False)])
     assert worker_pod_problem([evicted, loading]) is None
+
+
+def test_an_init_container_that_finished_after_a_crash_is_no_problem() -> None:
+    crashed_once = {"terminated": {"exitCode": 1, "message": "vault not reachable"}}
+    done = pod(
+        "p",
+        containers=[worker({"running": {"startedAt": "T"}}, ready=False)],
+        initContainerStatuses=[
+            {"name": "vault-agent-init", "state": {"terminated": {"exitCode": 0}}, "restartCount": 1,
+             "lastState": crashed_once, "ready": False}
+        ],
+    )  # fmt: skip
+    assert worker_pod_problem([done]) is None
