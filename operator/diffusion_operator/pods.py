@@ -69,9 +69,10 @@ def _failing_status(status: Mapping[str, Any], what: str, exited: str = "the wor
     for one that finished its work (an init container done, exit 0)."""
     waiting = (status.get("state") or {}).get("waiting") or {}
     reason = waiting.get("reason")
-    terminated = (status.get("state") or {}).get("terminated") or {}
+    terminated = (status.get("state") or {}).get("terminated")
+    exit_code = int(terminated.get("exitCode", 0)) if terminated else None
     restarts = int(status.get("restartCount", 0))
-    if terminated and int(terminated.get("exitCode", 0)) == 0:
+    if exit_code == 0:
         return None
     if reason in FAILING_WAITING_REASONS:
         if reason == "CrashLoopBackOff":
@@ -80,7 +81,7 @@ def _failing_status(status: Mapping[str, Any], what: str, exited: str = "the wor
         return f"{what}: {reason}" + (f": {message}" if message else "")
     # A first failed run is the kubelet's to retry (a node under pressure, a flaky mount): failing
     # once it has been restarted and failed again, or crashed and is not ready since.
-    if terminated and int(terminated.get("exitCode", 0)) != 0 and restarts > 0:
+    if exit_code and restarts > 0:
         return f"{what}: {exited}{_last_exit(status)}"
     if _crashed_before(status):
         return f"{what}: restarted {restarts} times, not ready since{_last_exit(status)}"

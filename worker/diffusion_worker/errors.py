@@ -44,6 +44,11 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def internal_error() -> APIError:
+    """500 for a failure the client can do nothing about; its details stay in the worker log."""
+    return APIError(500, "Internal server error", type="server_error", code="internal_error")
+
+
 def invalid_param(param: str, message: str, code: str = "invalid_value") -> APIError:
     """400 for a request field, naming it."""
     return APIError(400, message, param=param, code=code)

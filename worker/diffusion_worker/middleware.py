@@ -10,7 +10,7 @@ import uuid
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from diffusion_worker.errors import APIError
+from diffusion_worker.errors import APIError, internal_error
 from diffusion_worker.logs import log_failure, request_id_var
 from diffusion_worker.metrics import WorkerMetrics
 
@@ -183,5 +183,4 @@ class UnhandledFailureMiddleware:
             self.metrics.failed.labels(reason="internal_error").inc()
             if started:
                 raise
-            failed = APIError(500, "Internal server error", type="server_error", code="internal_error")
-            await failed.response()(scope, receive, send)
+            await internal_error().response()(scope, receive, send)

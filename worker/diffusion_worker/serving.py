@@ -8,12 +8,12 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from diffusion_worker.encoding import ImageEncoder
 from diffusion_worker.engine import DeviceOutOfMemoryError, FlaggedImage, GenerationBatch, ModelInfo
-from diffusion_worker.errors import APIError, invalid_param
+from diffusion_worker.errors import APIError, internal_error, invalid_param
 from diffusion_worker.logs import log_failure
 from diffusion_worker.metrics import WorkerMetrics
 from diffusion_worker.protocol import (
@@ -76,9 +76,9 @@ class RequestDefaults:
     guidance_scale: float
     quality_steps: dict[str, int]
     max_steps: int
+    reported_quality: dict[str, str]
     # Why `max_steps` is what it is, for the error message of a request that asks for more.
     max_steps_source: str = "--max-inference-steps"
-    reported_quality: dict[str, str] = field(default_factory=lambda: dict(REPORTED_QUALITY))
 
     @classmethod
     def resolve(cls, settings: WorkerSettings, info: ModelInfo) -> RequestDefaults:
@@ -380,7 +380,7 @@ class ImageGenerationService:
         once per batch, naming the device. The client learns nothing of it (exception text may
         quote paths or weights)."""
         self.metrics.failed.labels(reason="pipeline_error").inc()
-        return APIError(500, "Internal server error", type="server_error", code="internal_error")
+        return internal_error()
 
     def start_stream(
         self, request: ImageGenerationRequest, request_id: str
@@ -471,8 +471,7 @@ class ImageGenerationService:
         except Exception as exc:
             log_failure(log, "streamed generation failed", exc)
             self.metrics.failed.labels(reason="internal_error").inc()
-            failed = APIError(500, "Internal server error", type="server_error", code="internal_error")
-            yield {"type": "error", **failed.body()}
+            yield {"type": "error", **internal_error().body()}
         finally:
             if not waiter.done():
                 waiter.cancel()

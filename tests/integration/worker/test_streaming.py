@@ -357,11 +357,9 @@ def test_a_preview_that_fails_to_decode_costs_the_stream_only_its_previews(
 
     monkeypatch.setattr(engine, "decode_latents", failing_decode)
     url = start_worker()
-    body = {"prompt": "p", "stream": True, "partial_images": 2, "nvext": {"num_inference_steps": 4}}
-    with httpx.stream("POST", f"{url}/v1/images/generations", json=body, timeout=120) as response:
-        text = "".join(response.iter_text())
-    events = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
-    assert [event["type"] for event in events] == ["image_generation.completed"]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    events = stream_events(client, partial_images=2, extra_body={"nvext": {"num_inference_steps": 4}})
+    assert [event.type for event in events] == ["image_generation.completed"]
     metrics = httpx.get(f"{url}/metrics").text
     assert 'diffusion_worker_failed_requests_total{reason="pipeline_error"}' not in metrics
     assert "diffusion_worker_out_of_memory_splits_total 0.0" in metrics
