@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "image-diffusion-operator"
@@ -24,6 +26,12 @@ SCENARIOS: dict[str, list[str]] = {
     "fleet-only": [
         "-f", str(CHART / "ci" / "fleet-values.yaml"),
         "--set", "operator.enabled=false", "--set", "crds.enabled=false",
+    ],
+    # Labels everywhere the values take them, one key shared by commonLabels and podLabels.
+    "labelled": [
+        "--set", "commonLabels.team=ml", "--set", "commonLabels.app\\.kubernetes\\.io/part-of=platform",
+        "--set", "operator.podLabels.team=ml-operators", "--set", "operator.podLabels.tier=control",
+        "-f", str(CHART / "ci" / "fleet-values.yaml"), "--set", "fleet.labels.team=ml-fleet",
     ],
     "strict-namespaced": [
         "-f", str(CHART / "ci" / "namespaced-values.yaml"),
@@ -61,3 +69,21 @@ def structural_to_json_schema(node: Any) -> Any:
     ):
         out["additionalProperties"] = False
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; kubectl, kustomize and the API server refuse them."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        duplicates = sorted({str(key) for key in keys if keys.count(key) > 1})
+        if duplicates:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate keys {duplicates}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_manifests(text: str) -> Iterator[Any]:
+    """The documents of a `helm template` output, refusing a mapping with a key twice."""
+    return yaml.load_all(text, Loader=_UniqueKeyLoader)

@@ -31,17 +31,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
-{{/* Standard labels on every object; callers add app.kubernetes.io/component. */}}
+{{/*
+Standard labels on every object, with commonLabels merged over them (one key, one line: the schema
+keeps commonLabels off the keys selectors and Helm rely on). Callers add app.kubernetes.io/component.
+*/}}
 {{- define "image-diffusion-operator.labels" -}}
-helm.sh/chart: {{ include "image-diffusion-operator.chart" . }}
-app.kubernetes.io/name: {{ include "image-diffusion-operator.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/part-of: image-diffusion-operator
-{{- with .Values.commonLabels }}
-{{ toYaml . }}
+{{- $labels := dict
+  "helm.sh/chart" (include "image-diffusion-operator.chart" .)
+  "app.kubernetes.io/name" (include "image-diffusion-operator.name" .)
+  "app.kubernetes.io/instance" .Release.Name
+  "app.kubernetes.io/version" .Chart.AppVersion
+  "app.kubernetes.io/managed-by" .Release.Service
+  "app.kubernetes.io/part-of" "image-diffusion-operator" }}
+{{- toYaml (mergeOverwrite $labels (default dict .Values.commonLabels)) }}
 {{- end }}
+
+{{/* The labels above with the (list ROOT COMPONENT EXTRA) component and extra labels merged in. */}}
+{{- define "image-diffusion-operator.componentLabels" -}}
+{{- $root := index . 0 }}
+{{- $labels := include "image-diffusion-operator.labels" $root | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" (index . 1) }}
+{{- toYaml (mergeOverwrite $labels (default dict (index . 2))) }}
 {{- end }}
 
 {{/* The operator's ServiceAccount name. */}}
@@ -133,4 +143,14 @@ service's gpus: 0). Lists are replaced, not merged.
 {{- end }}
 {{- end }}
 {{- toYaml $merged }}
+{{- end }}
+
+{{/* A Prometheus duration (1m30s, 500ms, 1d) in milliseconds; the schema checks its form. */}}
+{{- define "image-diffusion-operator.durationMs" -}}
+{{- $unitMs := dict "y" 31536000000 "w" 604800000 "d" 86400000 "h" 3600000 "m" 60000 "s" 1000 "ms" 1 }}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|y|w|d|h|m|s)" . -1 }}
+{{- $total = add $total (mul (regexFind "^[0-9]+" . | int64) (get $unitMs (regexFind "[a-z]+$" .))) }}
+{{- end }}
+{{- $total }}
 {{- end }}

@@ -18,6 +18,7 @@ from support.chart import (
     REPO,
     Manifest,
     Render,
+    load_manifests,
     run_helm,
     structural_to_json_schema,
 )
@@ -43,7 +44,7 @@ def render(helm: str) -> Render:
         if args not in cache:
             result = run_helm(helm, "template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE, *args)
             assert result.returncode == 0, f"helm template {' '.join(args)} failed:\n{result.stderr}"
-            cache[args] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+            cache[args] = [doc for doc in load_manifests(result.stdout) if doc]
         return copy.deepcopy(cache[args])
 
     return _render

@@ -91,6 +91,26 @@ BAD_VALUES = {
         "--set", "fleet.services[0].name=x", "--set", "fleet.services[0].spec.replicas=1",
         "--set", "fleet.services[0].replicas=1",
     ],
+    # helm drops a null before checking the schema; `required` catches what the templates need.
+    **{f"{key} null": ["--set", f"{key}=null"] for key in (
+        "crds", "operator", "worker", "operator.image", "operator.livenessProbe", "operator.serviceAccount",
+        "operator.rbac", "operator.logFormat", "operator.livenessPort", "worker.image", "worker.podMonitor",
+    )},
+    # Keys the selectors and Helm's ownership rely on stay the chart's.
+    **{
+        f"{where} sets {key}": ["--set", f"{where}.{key.replace('.', chr(92) + '.')}=x"]
+        for where in ("commonLabels", "operator.podLabels", "worker.podMonitor.labels", "fleet.labels")
+        for key in (f"app.kubernetes.io/{name}" for name in ("instance", "component", "managed-by"))
+    },
+    "fleet service label sets app.kubernetes.io/name": [
+        "--set", "fleet.services[0].name=x", "--set", "fleet.services[0].spec.replicas=1",
+        "--set", "fleet.services[0].labels.app\\.kubernetes\\.io/name=x",
+    ],
+    "label value over 63 characters": ["--set", f"commonLabels.team={'a' * 64}"],
+    "label value with a space": ["--set", "commonLabels.team=a b"],
+    "label key with a space": ["--set", "commonLabels.a b=x"],
+    "scrape interval not a duration": ["--set", "worker.podMonitor.interval=30"],
+    "scrape timeout empty": ["--set", "worker.podMonitor.scrapeTimeout="],
 }  # fmt: skip
 
 
