@@ -42,16 +42,22 @@ WORKER_PORT: Final = 8000
 WORKER_PORT_NAME: Final = "http"
 MODEL_CACHE_MOUNT: Final = "/models"
 TMP_MOUNT: Final = "/tmp"
+# The worker's only writable paths (its root filesystem is read-only): where file:// storage may go.
+WRITABLE_MOUNTS: Final = (MODEL_CACHE_MOUNT, TMP_MOUNT)
 SHM_MOUNT: Final = "/dev/shm"
 HEALTH_PATH: Final = "/health"
 READY_PATH: Final = "/ready"
 ENV_API_KEY: Final = "DIFFUSION_WORKER_API_KEY"
+ENV_DEVICE: Final = "DIFFUSION_WORKER_DEVICE"
 ENV_HF_TOKEN: Final = "HF_TOKEN"
 ENV_NVIDIA_VISIBLE_DEVICES: Final = "NVIDIA_VISIBLE_DEVICES"
 MODEL_CACHE_SUFFIX: Final = "-model-cache"
-# A big model (tens of GB) downloads and loads well within this; the startup probe allows it.
-STARTUP_BUDGET_SECONDS: Final = 45 * 60
+# The worker opens its port only once the model is loaded, so the startup probe's budget is the
+# time a pod may take to download and load it (spec.rollout.startupTimeoutSeconds).
 STARTUP_PROBE_PERIOD_SECONDS: Final = 10
+# The Deployment's progress deadline is the startup budget plus this, for scheduling and the image
+# pull: shorter, a pod still loading its model would mark the rollout failed (RolloutStalled).
+PROGRESS_DEADLINE_MARGIN_SECONDS: Final = 600
 # Long enough for a queue of in-flight images to finish after SIGTERM (readiness drops first).
 TERMINATION_GRACE_SECONDS: Final = 300
 # Before SIGTERM, the worker keeps serving this long (a preStop sleep): a terminating pod leaves the
@@ -66,6 +72,8 @@ WORKER_DRAIN_SECONDS: Final = TERMINATION_GRACE_SECONDS - PRE_STOP_SLEEP_SECONDS
 DEFAULT_GPU_RESOURCE: Final = "nvidia.com/gpu"
 DEFAULT_MODEL_CACHE_SIZE: Final = "50Gi"
 DEFAULT_SERVICE_PORT: Final = 8000
+# A big model (tens of GB) downloads and loads well within this.
+DEFAULT_STARTUP_TIMEOUT_SECONDS: Final = 45 * 60
 DEFAULT_TOKEN_KEY: Final = "token"
 DEFAULT_API_KEY_KEY: Final = "api-key"
 WORKER_DEFAULT_MAX_INFERENCE_STEPS: Final = 50
@@ -112,6 +120,7 @@ REASON_WORKER_FAILING: Final = "WorkerFailing"  # Ready=False: a worker pod cras
 REASON_WORKER_UNSCHEDULABLE: Final = "WorkerUnschedulable"  # Ready=False: no node can take a worker pod
 REASON_WORKER_PODS_REJECTED: Final = "WorkerPodsRejected"  # Ready=False: the ReplicaSet cannot create pods
 REASON_WORKERS_UNAVAILABLE: Final = "WorkersUnavailable"  # Ready=False: pods lost after a completed rollout
+REASON_API_ERROR: Final = "ApiError"  # Stalled=True: the API server refuses a read or write (e.g. 403)
 REASON_APPLY_FAILED: Final = "ApplyFailed"  # event reason
 REASON_CREATED: Final = "Created"  # event reason
 REASON_UPDATED: Final = "Updated"  # event reason

@@ -26,7 +26,14 @@ import kopf
 
 from diffusion_operator import constants as c
 from diffusion_operator.kube import ApiError, KubeApi, load_api_client
-from diffusion_operator.reconcile import Event, Outcome, first_pass_failed, reconcile_service
+from diffusion_operator.reconcile import (
+    Event,
+    Outcome,
+    api_error_message,
+    api_error_status,
+    first_pass_failed,
+    reconcile_service,
+)
 
 LOGGER = logging.getLogger(__name__)
 EventPoster = Callable[[kopf.Memo, Mapping[str, Any], Event], None]
@@ -132,6 +139,27 @@ def post_through_own_client(memo: kopf.Memo, body: Mapping[str, Any], event: Eve
         LOGGER.warning("could not post the %s event of %s: %s", event.reason, body["metadata"]["name"], exc)
 
 
+def _write_status(api: KubeApi, owner: Mapping[str, Any], delta: Mapping[str, Any]) -> ApiError | None:
+    """Write a pass's status; a transient error propagates. A refusal retrying cannot fix (403 after
+    an RBAC change, 422) is returned, after one try to write conditions that say so instead: a
+    smaller patch may pass where the pass's own did not, and otherwise the caller's Event is all
+    that tells the user why the status no longer changes."""
+    if not delta:
+        return None
+    metadata = owner["metadata"]
+    try:
+        api.patch_status(metadata["namespace"], metadata["name"], delta)
+    except ApiError as exc:
+        if exc.transient:
+            raise
+        with contextlib.suppress(ApiError):
+            api.patch_status(
+                metadata["namespace"], metadata["name"], api_error_status(owner, api_error_message(exc))
+            )
+        return exc
+    return None
+
+
 def _converge(memo: kopf.Memo, namespace: str, name: str, post: EventPoster) -> Outcome | None:
     """One pass over a service: read it, reconcile, write its status, then post the pass's Events.
 
@@ -140,7 +168,8 @@ def _converge(memo: kopf.Memo, namespace: str, name: str, post: EventPoster) -> 
     lock reads the status the previous one wrote, so a transition (Ready, say) is judged, and its
     Event posted, once. None when the service is gone or being deleted. A failed API call raises
     TemporaryError, with no Event posted: the retry judges the same transition again (a service
-    with no status yet first gets a Reconciling one that quotes the error).
+    with no status yet first gets a Reconciling one that quotes the error). A status write the API
+    server refuses for good posts a Warning ApiError Event and raises that error (kopf retries).
     """
     with _lock(memo, namespace, name), _transient_errors_retried():
         owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
@@ -154,10 +183,12 @@ def _converge(memo: kopf.Memo, namespace: str, name: str, post: EventPoster) -> 
                 with contextlib.suppress(ApiError):  # the retry raised next writes it again
                     memo.api.patch_status(namespace, name, first)
             raise
-        if outcome.status_delta:
-            memo.api.patch_status(namespace, name, outcome.status_delta)
+        refused = _write_status(memo.api, owner, outcome.status_delta)
     for event in outcome.events:
         post(memo, owner, event)
+    if refused is not None:
+        post(memo, owner, Event("Warning", c.REASON_API_ERROR, api_error_message(refused)))
+        raise refused
     return outcome
 
 

@@ -38,13 +38,17 @@ SSA_SCHEMA_ERROR = "failed to create typed patch object"
 
 
 class ApiError(Exception):
-    """A non-2xx answer from the API server."""
+    """A non-2xx answer from the API server; `request` ("GET /apis/apps/v1/...") says to what, so a
+    status condition can name the object the operator could not read or write."""
 
-    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, retry_after: float | None = None, request: str = ""
+    ) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
         self.retry_after = retry_after
+        self.request = request
 
     @property
     def transient(self) -> bool:
@@ -107,19 +111,22 @@ class KubeApi:
             body=body,
             auth_settings=["BearerToken"],
         )
+        what = f"{method} {path}"
         try:
             response = self._client.call_api(*serialized, _request_timeout=self._timeout)
             response.read()
         except kubernetes.client.ApiException as exc:  # raised for 429/503 with Retry-After
-            raise ApiError(int(exc.status or 0), str(exc.reason), _retry_after(exc.headers)) from exc
+            raise ApiError(
+                int(exc.status or 0), str(exc.reason), _retry_after(exc.headers), request=what
+            ) from exc
         except Exception as exc:  # connection refused, reset, timeout
-            raise ApiError(0, f"{type(exc).__name__}: {exc}") from exc
+            raise ApiError(0, f"{type(exc).__name__}: {exc}", request=what) from exc
         text = response.data.decode() if response.data else ""
         if not 200 <= response.status <= 299:
             message = text
             with contextlib.suppress(ValueError, AttributeError):
                 message = json.loads(text).get("message", text)
-            raise ApiError(response.status, message, _retry_after(response.getheaders()))
+            raise ApiError(response.status, message, _retry_after(response.getheaders()), request=what)
         return json.loads(text) if text else None
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:

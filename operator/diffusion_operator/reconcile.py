@@ -16,6 +16,7 @@ from diffusion_operator.spec import InvalidSpecError, Meta, parse_spec
 from diffusion_operator.status import (
     Observed,
     Verdict,
+    api_error_verdict,
     build_status,
     invalid_verdict,
     judge,
@@ -267,8 +268,45 @@ def first_pass_failed(body: Mapping[str, Any], exc: ApiError) -> dict[str, Any] 
     return build_status(meta_from_body(body), verdict, {}, spec=None, observed=Observed(), now=now_iso())
 
 
+def api_error_message(exc: ApiError) -> str:
+    """What the API server refused, and what to do about a refusal that is the operator's RBAC."""
+    message = f"the API server refused {exc.request or 'a request'}: HTTP {exc.status}: {exc.message}"
+    if exc.status == 403:
+        message += "; grant it to the operator's ServiceAccount (the chart's ClusterRole lists what it needs)"
+    return message + "; every pass tries again"
+
+
+def api_error_status(body: Mapping[str, Any], message: str) -> dict[str, Any]:
+    """Conditions saying the API server refuses the operator (Stalled, ApiError). Only the
+    conditions and observedGeneration: replicas, endpoint and the rest keep their last known values
+    (status.replicas feeds the scale subresource, which an autoscaler reads)."""
+    meta = meta_from_body(body)
+    previous = body.get("status") or {}
+    verdict = api_error_verdict(message)
+    status = build_status(meta, verdict, previous, spec=None, observed=Observed(), now=now_iso())
+    return {key: status[key] for key in ("observedGeneration", "conditions")}
+
+
 def reconcile_service(api: KubeApi, body: Mapping[str, Any], default_image: str) -> Outcome:
-    """Bring the children of one ImageDiffusionService to its spec and say what its status should be."""
+    """Bring the children of one ImageDiffusionService to its spec and say what its status should be.
+
+    A transient API error propagates (the caller retries the pass). Any other error left (a child
+    the API server will not let the operator read: 403 after an RBAC change) makes the status say
+    so, Stalled/ApiError, instead of leaving an earlier Ready=True in place.
+    """
+    try:
+        return _reconcile(api, body, default_image)
+    except ApiError as exc:
+        if exc.transient:
+            raise
+        message = api_error_message(exc)
+        logger.warning("%s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"], message)
+        delta = status_delta(body.get("status") or {}, api_error_status(body, message))
+        repeated = _stalled_with(body, c.REASON_API_ERROR, message)
+        return Outcome(delta, [] if repeated else [Event("Warning", c.REASON_API_ERROR, message)])
+
+
+def _reconcile(api: KubeApi, body: Mapping[str, Any], default_image: str) -> Outcome:
     meta = meta_from_body(body)
     previous = body.get("status") or {}
     now = now_iso()

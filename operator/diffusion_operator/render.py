@@ -75,6 +75,10 @@ def content_hash(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def _sets_env(spec: ServiceSpec, name: str) -> bool:
+    return any(item.get("name") == name for item in spec.pod.env)
+
+
 def worker_args(spec: ServiceSpec) -> list[str]:
     """`serve` and its flags; only set fields become flags, so unset ones keep worker defaults."""
     flags: list[tuple[str, Any]] = [
@@ -100,6 +104,14 @@ def worker_args(spec: ServiceSpec) -> list[str]:
         ("--default-guidance-scale", spec.defaults.guidance_scale),
         ("--default-size", spec.defaults.size),
     ]
+    if spec.resources.gpus > 0 and not _sets_env(spec, c.ENV_DEVICE):
+        # Without it the worker falls back to the CPU when torch sees no GPU (a node whose default
+        # container runtime is not NVIDIA's and no spec.pod.runtimeClassName): it would load and
+        # serve, just hundreds of times slower. With it, the worker stops at start-up instead, and
+        # the pod's crash loop names the cause. `cuda`, not `cuda:0`: with data parallelism the
+        # worker puts rank r on cuda:r, and context-parallel ranks pick their GPUs themselves.
+        # Another accelerator (an Intel GPU's xpu) is named by DIFFUSION_WORKER_DEVICE in spec.pod.env.
+        flags.append(("--device", "cuda"))
     if spec.parallelism.data_parallel != 1:
         flags.append(("--data-parallel-size", spec.parallelism.data_parallel))
     if spec.parallelism.context_parallel != 1:
@@ -173,6 +185,18 @@ def worker_resources(spec: ServiceSpec) -> dict[str, Any]:
     return result
 
 
+def startup_probe_failures(spec: ServiceSpec) -> int:
+    """Failed startup probes allowed: enough to cover spec.rollout.startupTimeoutSeconds."""
+    return -(-spec.rollout.startup_timeout_seconds // c.STARTUP_PROBE_PERIOD_SECONDS)
+
+
+def progress_deadline_seconds(spec: ServiceSpec) -> int:
+    """The Deployment's progress deadline: the startup budget plus time to schedule and pull, so a
+    pod still loading its model never makes the rollout count as failed."""
+    budget = startup_probe_failures(spec) * c.STARTUP_PROBE_PERIOD_SECONDS
+    return budget + c.PROGRESS_DEADLINE_MARGIN_SECONDS
+
+
 def _probe(path: str, *, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": c.WORKER_PORT_NAME},
@@ -187,7 +211,8 @@ def worker_container(spec: ServiceSpec, image: str) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": c.WORKER_CONTAINER_NAME,
         "image": image,
-        "imagePullPolicy": "IfNotPresent",
+        # No imagePullPolicy: Kubernetes' default pulls a :latest (or untagged) image on every
+        # start and any other tag once, so a re-pushed development tag is not served stale.
         "command": list(c.WORKER_COMMAND),
         "args": worker_args(spec),
         "ports": [{"name": c.WORKER_PORT_NAME, "containerPort": c.WORKER_PORT, "protocol": "TCP"}],
@@ -197,9 +222,7 @@ def worker_container(spec: ServiceSpec, image: str) -> dict[str, Any]:
         "terminationMessagePolicy": "FallbackToLogsOnError",
         # /ready answers 200 once the pipeline is loaded; big models may take many minutes to download.
         "startupProbe": _probe(
-            c.READY_PATH,
-            period=c.STARTUP_PROBE_PERIOD_SECONDS,
-            failures=c.STARTUP_BUDGET_SECONDS // c.STARTUP_PROBE_PERIOD_SECONDS,
+            c.READY_PATH, period=c.STARTUP_PROBE_PERIOD_SECONDS, failures=startup_probe_failures(spec)
         ),
         "readinessProbe": _probe(c.READY_PATH, period=5, failures=3),
         "livenessProbe": _probe(c.HEALTH_PATH, period=10, failures=6),
@@ -266,6 +289,10 @@ def render_pod_template(spec: ServiceSpec, meta: Meta, image: str) -> dict[str, 
         pod_spec["affinity"] = copy.deepcopy(dict(spec.pod.affinity))
     if spec.pod.priority_class_name:
         pod_spec["priorityClassName"] = spec.pod.priority_class_name
+    if spec.pod.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.pod.runtime_class_name
+    if spec.pod.service_account_name:
+        pod_spec["serviceAccountName"] = spec.pod.service_account_name
     labels = child_labels(meta)
     config_hash = content_hash(
         {"labels": labels, "annotations": dict(spec.pod.annotations), "spec": pod_spec}
@@ -290,7 +317,7 @@ def render_deployment(spec: ServiceSpec, meta: Meta, default_image: str = c.DEFA
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(meta)},
             "strategy": rollout_strategy(spec),
-            "progressDeadlineSeconds": c.STARTUP_BUDGET_SECONDS + 600,
+            "progressDeadlineSeconds": progress_deadline_seconds(spec),
             "revisionHistoryLimit": 3,
             "template": render_pod_template(spec, meta, image),
         },
@@ -336,7 +363,7 @@ def render_model_cache_pvc(spec: ServiceSpec, meta: Meta) -> Manifest:
         "accessModes": list(spec.model_cache.access_modes),
         "resources": {"requests": {"storage": spec.model_cache.size}},
     }
-    if spec.model_cache.storage_class_name:
+    if spec.model_cache.storage_class_name is not None:  # "": no class, not the default class
         pvc_spec["storageClassName"] = spec.model_cache.storage_class_name
     metadata = _metadata(model_cache_name(meta.name), meta, owned=not spec.model_cache.retain_on_delete)
     # Every child carries app.kubernetes.io/instance=NAME, Argo CD's tracking label before 3.0:

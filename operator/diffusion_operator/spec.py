@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -68,7 +69,7 @@ class ModelCacheSpec:
     """spec.modelCache."""
 
     size: str = c.DEFAULT_MODEL_CACHE_SIZE
-    storage_class_name: str | None = None
+    storage_class_name: str | None = None  # None: the default class; "": none (a PV made beforehand)
     access_modes: tuple[str, ...] = ("ReadWriteOnce",)
     retain_on_delete: bool = False
 
@@ -103,9 +104,10 @@ class NetworkSpec:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSpec:
-    """spec.rollout: the Deployment's rolling update."""
+    """spec.rollout: how worker pods start, and the Deployment's rolling update."""
 
     max_surge: int = 0
+    startup_timeout_seconds: int = c.DEFAULT_STARTUP_TIMEOUT_SECONDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,8 @@ class PodSpec:
     env: tuple[Mapping[str, Any], ...] = ()
     annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
     priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+    service_account_name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +215,15 @@ def parse_model(model: Mapping[str, Any]) -> ModelSpec:
     )
 
 
+def _rollout(rollout: Mapping[str, Any]) -> RolloutSpec:
+    return RolloutSpec(
+        max_surge=int(rollout.get("maxSurge", 0)),
+        startup_timeout_seconds=int(
+            rollout.get("startupTimeoutSeconds") or c.DEFAULT_STARTUP_TIMEOUT_SECONDS
+        ),
+    )
+
+
 def parse_spec(spec: Mapping[str, Any]) -> ServiceSpec:
     """Turn a CR's spec into a ServiceSpec with defaults applied; raise InvalidSpecError if it cannot run."""
     if not isinstance(spec.get("model"), Mapping):
@@ -229,7 +242,7 @@ def parse_spec(spec: Mapping[str, Any]) -> ServiceSpec:
     parsed = ServiceSpec(
         model=model,
         replicas=int(spec.get("replicas", 1)),
-        rollout=RolloutSpec(max_surge=int(_section(spec, "rollout").get("maxSurge", 0))),
+        rollout=_rollout(_section(spec, "rollout")),
         resources=ResourcesSpec(
             gpus=int(resources.get("gpus", 1)),
             gpu_resource_name=str(resources.get("gpuResourceName") or c.DEFAULT_GPU_RESOURCE),
@@ -284,6 +297,8 @@ def parse_spec(spec: Mapping[str, Any]) -> ServiceSpec:
             env=tuple(pod.get("env") or ()),
             annotations={str(k): str(v) for k, v in (pod.get("annotations") or {}).items()},
             priority_class_name=pod.get("priorityClassName") or None,
+            runtime_class_name=pod.get("runtimeClassName") or None,
+            service_account_name=pod.get("serviceAccountName") or None,
         ),
     )
     validate_beyond_schema(parsed)
@@ -298,6 +313,8 @@ def validate_beyond_schema(spec: ServiceSpec) -> None:
             "spec.rollout.maxSurge above 0 needs a model cache two pods can mount: "
             "modelCache.accessModes ReadWriteOncePod admits one pod, so the new pod would never start"
         )
+    if spec.storage is not None and spec.storage.url is not None:
+        check_storage_url(spec.storage.url)
     size = spec.defaults.size
     if size is not None:
         match = _SIZE.match(size)
@@ -312,3 +329,19 @@ def validate_beyond_schema(spec: ServiceSpec) -> None:
                 f"spec.defaults.size {size!r} has {width * height} pixels, "
                 f"more than limits.maxPixels {max_pixels}"
             )
+
+
+def check_storage_url(url: str) -> None:
+    """A file:// storage url must lie in one of the worker's writable mounts: its root filesystem is
+    read-only, so anywhere else every url request would fail with 500. The CRD's CEL rule says the
+    same; this holds under a CRD installed before that rule too."""
+    if not url.startswith("file:"):
+        return
+    roots = ", ".join(f"{root}/" for root in c.WRITABLE_MOUNTS)
+    path = url.removeprefix("file://")
+    normalized = posixpath.normpath(path) if path.startswith("/") else ""
+    if not any(normalized.startswith(f"{root}/") for root in c.WRITABLE_MOUNTS):
+        raise InvalidSpecError(
+            f"spec.storage.url {url!r} is not writable by the worker (its root filesystem is "
+            f"read-only): use file:// with a path under {roots} or an s3:// or gs:// URL"
+        )

@@ -207,6 +207,17 @@ def invalid_verdict(message: str) -> Verdict:
     )
 
 
+def api_error_verdict(message: str) -> Verdict:
+    """The API server refuses what the operator must read or write (a 403 after an RBAC change, say):
+    Stalled, as retrying the same request cannot help until someone changes the cluster; the
+    conditions of the last good pass no longer describe what runs, so Ready turns False."""
+    return Verdict(
+        ready=(False, c.REASON_API_ERROR, message),
+        reconciling=(False, c.REASON_API_ERROR, message),
+        stalled=(True, c.REASON_API_ERROR, message),
+    )
+
+
 def merge_condition(
     previous: Sequence[Mapping[str, Any]],
     type_: str,

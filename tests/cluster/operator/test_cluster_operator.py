@@ -55,6 +55,10 @@ def test_the_server_admits_each_sample(kube: Any, crd_installed: None, namespace
         ({"model": {"id": "a"}, "limits": {"maxBatchSize": 9, "maxQueue": 3}}, "maxBatchSize"),
         ({"model": {"id": "a"}, "replicas": 2, "resources": {"gpus": 0}}, "ReadWriteMany"),
         ({"model": {"id": "a", "dtype": "float8"}}, "float8"),
+        ({"model": {"id": "a"}, "resources": {"limits": {"nvidia.com/gpu": 2}}}, "GPU resource"),
+        ({"model": {"id": "a"}, "modelCache": {"size": "0Gi"}}, "above 0"),
+        ({"model": {"id": "a"}, "storage": {"url": "file:///data"}}, "/models/ or /tmp/"),
+        ({"model": {"id": "a"}, "rollout": {"startupTimeoutSeconds": 30}}, "startupTimeoutSeconds"),
     ],
 )
 def test_the_server_rejects_bad_specs_with_cel_and_schema(

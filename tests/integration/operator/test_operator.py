@@ -366,3 +366,85 @@ def test_a_new_service_whose_children_cannot_be_written_yet_says_so(
         lambda: kubectl.child("deployments", "webhook"),
         timeout=30,
     )
+
+
+def _from_the_operator(request: kmock.Request) -> bool:
+    """The operator's own client and kopf's, not the test's stand-in for kubectl."""
+    return not request.headers.get("User-Agent", "").startswith("python-requests")
+
+
+def _forbidden(message: str) -> kmock.Response:
+    return kmock.Response(
+        status=403,
+        payload={"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+                 "reason": "Forbidden", "message": message},
+    )  # fmt: skip
+
+
+def test_a_child_the_operator_may_no_longer_read_turns_a_ready_service_stalled(
+    cluster: EmulatorThread, kubectl: Kubectl
+) -> None:
+    """After an RBAC change the operator's GET of the Deployment answers 403. The pass used to raise
+    with no condition written, leaving Ready=True; now the service says Stalled/ApiError, naming the
+    request and the status, and the first pass after the grant is back carries on."""
+    locked = False
+    message = 'deployments.apps "rbac" is forbidden: User "system:serviceaccount:ops:operator" cannot get'
+
+    def operator_get_of_the_deployment(request: kmock.Request) -> bool:
+        return locked and request.name == "rbac" and request.action == kmock.action.FETCH
+
+    deployments = cluster.emulator[kmock.resource("apps", "v1", "deployments")]
+    deployments[operator_get_of_the_deployment][_from_the_operator] << _forbidden(message)
+    kubectl.apply(tiny("rbac"))
+    wait_for("the Deployment", lambda: kubectl.child("deployments", "rbac"))
+    kubectl.mark_deployment_available("rbac", 1)
+    wait_for("Ready=True", lambda: (kubectl.condition("rbac", "Ready") or {}).get("status") == "True")
+
+    locked = True
+    try:
+        kubectl.apply(tiny("rbac", limits={"maxQueue": 9}))  # a spec change: a pass
+        stalled = wait_for(
+            "Stalled/ApiError",
+            lambda: (kubectl.condition("rbac", "Stalled") or {}).get("reason") == c.REASON_API_ERROR,
+        )
+        assert stalled
+        ready = kubectl.condition("rbac", "Ready") or {}
+        assert (ready["status"], ready["reason"]) == ("False", c.REASON_API_ERROR)
+        path = f"/apis/apps/v1/namespaces/{kubectl.ns}/deployments/rbac"
+        assert ready["message"].startswith(f"the API server refused GET {path}: HTTP 403: {message}")
+        warnings = wait_for(
+            "the ApiError Event", lambda: [e for e in kubectl.events() if e["reason"] == c.REASON_API_ERROR]
+        )
+        assert warnings[0]["type"] == "Warning" and warnings[0]["message"] == ready["message"]
+    finally:
+        locked = False
+    kubectl.apply(tiny("rbac", limits={"maxQueue": 8}))
+    wait_for(
+        "the new spec applied",
+        lambda: (kubectl.condition("rbac", "Ready") or {}).get("reason") != c.REASON_API_ERROR,
+    )
+    kubectl.mark_deployment_available("rbac", 1)
+    wait_for("Ready=True again", lambda: (kubectl.condition("rbac", "Ready") or {}).get("status") == "True")
+
+
+def test_a_status_the_operator_may_no_longer_write_is_told_in_a_warning_event(
+    cluster: EmulatorThread, kubectl: Kubectl
+) -> None:
+    """When the status subresource itself answers 403 no condition can say so: a Warning Event
+    names the refused request instead of the pass failing silently."""
+    message = 'imagediffusionservices.imagediffusion.dev "mute" is forbidden: cannot patch resource "status"'
+
+    def status_write(request: kmock.Request) -> bool:
+        return request.name == "mute" and request.subresource == "status"
+
+    services = cluster.emulator["patch", kmock.resource(c.GROUP, c.VERSION, c.PLURAL)]
+    services[status_write][_from_the_operator] << _forbidden(message)
+    kubectl.apply(tiny("mute"))
+    wait_for("the Deployment", lambda: kubectl.child("deployments", "mute"))
+    warnings = wait_for(
+        "the ApiError Event", lambda: [e for e in kubectl.events() if e["reason"] == c.REASON_API_ERROR]
+    )
+    path = f"/apis/{c.API_VERSION}/namespaces/{kubectl.ns}/{c.PLURAL}/mute/status"
+    assert warnings[0]["type"] == "Warning"
+    assert warnings[0]["message"].startswith(f"the API server refused PATCH {path}: HTTP 403: {message}")
+    assert "conditions" not in (kubectl.service("mute") or {}).get("status", {})

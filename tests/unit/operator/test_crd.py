@@ -6,6 +6,7 @@ Emulated instead of real: the apiserver's defaulting and CEL admission, via json
 from __future__ import annotations
 
 import copy
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -68,12 +69,13 @@ def test_spec_fields_match_the_design() -> None:
         "model", "replicas", "resources", "parallelism", "storage", "modelCache", "limits",
         "defaults", "auth", "image", "service", "pod",
     } | extensions  # fmt: skip
-    assert set(spec["rollout"]["properties"]) == {"maxSurge"}
+    assert set(spec["rollout"]["properties"]) == {"maxSurge", "startupTimeoutSeconds"}
     assert set(spec["model"]["properties"]) == {
         "id", "path", "uri", "revision", "dtype", "servedName", "pipeline", "tokenSecretRef",
     }  # fmt: skip
     assert set(spec["pod"]["properties"]) == {
         "nodeSelector", "tolerations", "affinity", "env", "annotations", "priorityClassName",
+        "runtimeClassName", "serviceAccountName",
     }  # fmt: skip
 
 
@@ -142,6 +144,26 @@ BAD = {
         "300",
     ),
 }
+# The operator sets the GPU limit from gpus (and would silently override one given here); a GPU
+# request that differs from that limit gets a 422 from the API server only at the Deployment.
+for _where in ("requests", "limits"):
+    BAD[f"gpu resource in {_where}"] = (
+        _with("spec.resources", {"gpus": 0, _where: {"nvidia.com/gpu": "1"}}),
+        f"resources.{_where} must not name the GPU resource",
+    )
+BAD["custom gpu resource in limits"] = (
+    _with("spec.resources", {"gpus": 0, "gpuResourceName": "amd.com/gpu", "limits": {"amd.com/gpu": 1}}),
+    "resources.limits must not name the GPU resource",
+)
+for _size in ("0", "0Gi", "0.0Ti", "000"):
+    BAD[f"model cache size {_size}"] = (_with("spec.modelCache", {"size": _size}), "must be above 0")
+# The worker's root filesystem is read-only: only /models and /tmp are writable mounts.
+for _url in ("file:///data/images", "file:///models", "file:///tmp/../etc", "file://tmp/images"):
+    BAD[f"storage url {_url}"] = (_with("spec.storage", {"url": _url}), "under /models/ or /tmp/")
+BAD["startup timeout below a minute"] = (_with("spec.rollout", {"startupTimeoutSeconds": 30}), "30")
+BAD["startup timeout above a day"] = (_with("spec.rollout", {"startupTimeoutSeconds": 90000}), "90000")
+BAD["runtime class not a DNS name"] = (_with("spec.pod", {"runtimeClassName": "NVIDIA"}), "NVIDIA")
+BAD["service account not a DNS name"] = (_with("spec.pod", {"serviceAccountName": "my_sa"}), "my_sa")
 # gpus defaults to 1, so contextParallel 2 without gpus 2 is rejected too.
 BAD["parallelism without gpus"] = (
     _with("spec.resources", None) | {"spec": {"model": {"id": "x"}, "parallelism": {"contextParallel": 2}}},
@@ -171,6 +193,22 @@ def test_storage_fields_other_than_public_base_url_stand_without_a_url() -> None
     assert admission_errors(credentials) == []
 
 
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("spec.storage", {"url": "file:///tmp/images"}),
+        ("spec.storage", {"url": "file:///models/images"}),
+        ("spec.modelCache", {"size": "0.5Gi"}),
+        ("spec.modelCache", {"size": "10Gi", "storageClassName": ""}),
+        ("spec.resources", {"gpus": 0, "requests": {"cpu": "2"}, "limits": {"memory": "8Gi"}}),
+        ("spec.rollout", {"startupTimeoutSeconds": 4 * 3600}),
+        ("spec.pod", {"runtimeClassName": "nvidia", "serviceAccountName": "sdxl-storage"}),
+    ],
+)
+def test_near_misses_of_the_new_rules_are_admitted(path: str, value: Any) -> None:
+    assert admission_errors(_with(path, value)) == []
+
+
 def test_gpus_zero_runs_on_cpu_whatever_the_parallelism() -> None:
     manifest = _with("spec.parallelism", {"dataParallel": 2})
     assert admission_errors(manifest) == []
@@ -194,6 +232,7 @@ def test_defaults_match_the_operators_own_defaults() -> None:
     assert defaulted["modelCache"]["size"] == parsed.model_cache.size
     assert tuple(defaulted["modelCache"]["accessModes"]) == parsed.model_cache.access_modes
     assert defaulted["service"] == {"type": parsed.service.type, "port": parsed.service.port}
+    assert defaulted["rollout"]["startupTimeoutSeconds"] == parsed.rollout.startup_timeout_seconds
     assert parse_spec({"model": {"id": "x"}}).resources.gpus == 1 == load_schema()["properties"]["spec"][
         "properties"]["resources"]["properties"]["gpus"]["default"]  # fmt: skip
 
@@ -204,3 +243,27 @@ def test_readme_example_services_are_admitted() -> None:
     assert blocks, "the README shows at least one ImageDiffusionService"
     for block in blocks:
         assert admission_errors(yaml.safe_load(block)) == []
+
+
+# What a fresh cluster has without being told: names a sample may use without explaining them.
+BUILT_IN_PRIORITY_CLASSES = {"system-cluster-critical", "system-node-critical"}
+
+
+def _header(path: Path) -> str:
+    """The comment lines a sample starts with."""
+    lines = path.read_text().splitlines()
+    return "\n".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_a_sample_explains_what_a_fresh_cluster_lacks_in_its_header(path: Path) -> None:
+    """A PriorityClass, a node label or a StorageClass a fresh cluster does not have leaves the pods
+    unschedulable or uncreated; the sample's header must say what it needs (or the sample drops it)."""
+    spec = load_sample(path)["spec"]
+    pod = spec.get("pod") or {}
+    needs = list(pod.get("nodeSelector") or {})  # a node label: its key must be explained
+    needs += [pod.get("runtimeClassName"), (spec.get("modelCache") or {}).get("storageClassName")]
+    if pod.get("priorityClassName") not in BUILT_IN_PRIORITY_CLASSES:
+        needs.append(pod.get("priorityClassName"))
+    header = _header(path)
+    assert [need for need in needs if need and need not in header] == []

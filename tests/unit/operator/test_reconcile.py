@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from diffusion_operator import constants as c
-from diffusion_operator.kube import ApiError
+from diffusion_operator.kube import PLURALS, ApiError, object_path
 from diffusion_operator.reconcile import (
     Event,
     Outcome,
@@ -35,8 +35,11 @@ class FakeApi:
         self.fail_apply = fail_apply
         self.fail_kinds = fail_kinds  # None: every kind fails with fail_apply
         self.fail_list: ApiError | None = None
+        self.fail_get: dict[str, ApiError] = {}  # kind -> the error every get of that kind raises
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        if kind in self.fail_get:
+            raise self.fail_get[kind]
         found = self.objects.get((kind, namespace, name))
         return copy.deepcopy(found) if found else None
 
@@ -423,3 +426,82 @@ def test_an_apply_that_changed_nothing_posts_no_event() -> None:
     assert apply_children(SameVersionApi("7"), children, meta).events == []  # type: ignore[arg-type]
     updated = apply_children(SameVersionApi("8"), children, meta).events  # type: ignore[arg-type]
     assert [event.reason for event in updated] == [c.REASON_UPDATED] * len(children)
+
+
+def forbidden(api_version: str, kind: str, name: str) -> ApiError:
+    """A 403 as KubeApi raises it after an RBAC change, naming its request."""
+    message = (
+        f'{PLURALS[kind]} "{name}" is forbidden: User "system:serviceaccount:ops:operator" cannot get it'
+    )
+    return ApiError(403, message, request=f"GET {object_path(api_version, kind, 'ns', name)}")
+
+
+def available(api: FakeApi) -> None:
+    """What the Deployment controller reports once the pods are ready."""
+    api.objects[("Deployment", "ns", "svc")]["status"] = {
+        "observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1,
+        "availableReplicas": 1, "conditions": [{"type": "Available", "status": "True"}],
+    }  # fmt: skip
+
+
+def test_a_child_the_operator_may_no_longer_read_turns_a_ready_service_stalled() -> None:
+    """A 403 on the GET of a child (the operator's RBAC changed) used to fail the pass with no
+    condition written, so the service stayed Ready=True. Now it is Stalled/ApiError naming the
+    request and the HTTP status, with one Warning; the replicas the status last saw stay (the scale
+    subresource reads them); and the pass after the RBAC is fixed clears it."""
+    api = FakeApi()
+    status: dict[str, Any] = {}
+    status.update(reconcile_service(api, body(SPEC), "img").status_delta)  # type: ignore[arg-type]
+    available(api)
+    status.update(reconcile_service(api, body(SPEC, status), "img").status_delta)  # type: ignore[arg-type]
+    assert ready_condition_of(status)["status"] == "True"
+
+    api.fail_get["Deployment"] = forbidden("apps/v1", "Deployment", "svc")
+    outcome = reconcile_service(api, body(SPEC, status), "img")  # type: ignore[arg-type]
+    status.update(outcome.status_delta)
+    conditions = {cond["type"]: cond for cond in status["conditions"]}
+    assert [conditions[t]["status"] for t in ("Ready", "Reconciling", "Stalled")] == [
+        "False",
+        "False",
+        "True",
+    ]
+    assert {cond["reason"] for cond in conditions.values()} == {c.REASON_API_ERROR}
+    message = conditions["Stalled"]["message"]
+    assert message.startswith(
+        "the API server refused GET /apis/apps/v1/namespaces/ns/deployments/svc: HTTP 403: "
+        'deployments "svc" is forbidden'
+    ), message
+    assert "operator's ServiceAccount" in message
+    assert "replicas" not in outcome.status_delta and status["readyReplicas"] == 1
+    assert [(e.type, e.reason, e.message) for e in outcome.events] == [
+        ("Warning", c.REASON_API_ERROR, message)
+    ]
+    again = reconcile_service(api, body(SPEC, status), "img")  # type: ignore[arg-type]
+    assert again.status_delta == {} and again.events == [], "one Warning per episode"
+
+    del api.fail_get["Deployment"]
+    healed = reconcile_service(api, body(SPEC, status), "img")  # type: ignore[arg-type]
+    status.update(healed.status_delta)
+    assert (ready_condition_of(status)["status"], ready_condition_of(status)["reason"]) == (
+        "True",
+        c.REASON_AVAILABLE,
+    )
+
+
+def test_a_transient_error_reading_a_child_is_still_retried() -> None:
+    api = FakeApi()
+    api.fail_get["PersistentVolumeClaim"] = ApiError(503, "etcd leader changed")
+    with pytest.raises(ApiError) as caught:
+        reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
+    assert caught.value.transient
+
+
+def test_an_invalid_spec_whose_children_cannot_be_read_is_stalled_api_error() -> None:
+    """The invalid-spec path reads the children too (for the replicas it reports)."""
+    api = FakeApi()
+    api.fail_get["PersistentVolumeClaim"] = forbidden("v1", "PersistentVolumeClaim", "svc-model-cache")
+    spec = {"model": {"id": "x", "pipeline": "NotARealPipeline"}}
+    outcome = reconcile_service(api, body(spec), "img")  # type: ignore[arg-type]
+    stalled = stalled_condition(outcome)
+    assert (stalled["status"], stalled["reason"]) == ("True", c.REASON_API_ERROR)
+    assert "GET /api/v1/namespaces/ns/persistentvolumeclaims/svc-model-cache: HTTP 403" in stalled["message"]

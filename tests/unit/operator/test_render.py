@@ -20,6 +20,7 @@ from diffusion_operator.render import (
     worker_args,
 )
 from diffusion_operator.spec import Meta, ServiceSpec, parse_spec
+from diffusion_worker.engine import ModelLoadError, select_devices
 from diffusion_worker.settings import settings_from_args
 from support.idsvc_schema import SAMPLES, apply_defaults, load_sample, load_schema
 
@@ -99,8 +100,54 @@ def test_unset_fields_pass_no_flags_so_worker_defaults_hold() -> None:
     args = worker_args(spec_of())
     assert args == [
         "serve", "--model", "builtin:tiny-sd",
+        "--device", "cuda",  # resources.gpus defaults to 1
         "--host", "::", "--port", "8000", "--cache-dir", "/models", "--drain-timeout", "265",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"resources": {"gpus": 1}},
+        {"resources": {"gpus": 2}, "parallelism": {"dataParallel": 2}},
+        {"resources": {"gpus": 2}, "parallelism": {"contextParallel": 2}},
+    ],
+    ids=["one-gpu", "data-parallel", "context-parallel"],
+)
+def test_a_gpu_worker_is_told_to_use_cuda_so_a_pod_without_its_gpus_fails_loudly(
+    fields: dict[str, Any],
+) -> None:
+    """Left to itself the worker picks the CPU when torch sees no GPU (no NVIDIA runtime on k3s,
+    RKE2, Talos without spec.pod.runtimeClassName) and serves, hundreds of times slower. `cuda`, not
+    `cuda:0`: the worker spreads data-parallel ranks over cuda:0..N-1 from it, and context-parallel
+    ranks take cuda:RANK whatever --device says."""
+    settings = settings_from_args(worker_args(spec_of(**fields))[1:])
+    assert settings.device == "cuda"
+
+
+def test_a_device_named_in_the_pod_env_is_not_overridden() -> None:
+    """An accelerator torch calls something else (an Intel GPU's xpu) is named in spec.pod.env; a
+    rendered --device would win over it."""
+    spec = spec_of(pod={"env": [{"name": "DIFFUSION_WORKER_DEVICE", "value": "xpu"}]})
+    assert "--device" not in worker_args(spec)
+
+
+def test_the_rendered_device_makes_a_worker_that_sees_no_gpu_refuse_to_start() -> None:
+    """On a GPU-less machine the worker's own device selection, given the rendered flags, stops
+    with the message the pod's crash loop then shows in the Ready condition."""
+    if pytest.importorskip("torch").cuda.is_available():
+        pytest.skip("needs a machine where torch sees no GPU")
+    for parallelism in ({}, {"dataParallel": 2}):
+        gpus = parallelism.get("dataParallel", 1)
+        spec = spec_of(resources={"gpus": gpus}, parallelism=parallelism)
+        with pytest.raises(ModelLoadError, match="--device cuda: 0 CUDA devices visible"):
+            select_devices(settings_from_args(worker_args(spec)[1:]))
+
+
+def test_a_cpu_worker_gets_no_device_flag() -> None:
+    """gpus 0: NVIDIA_VISIBLE_DEVICES=void already hides a GPU node's cards, so the worker's default
+    (cuda when present) runs on the CPU."""
+    assert "--device" not in worker_args(spec_of(resources={"gpus": 0}))
 
 
 @pytest.mark.parametrize(
@@ -144,7 +191,20 @@ def test_probes_use_ready_and_health_with_a_long_startup_budget() -> None:
     assert main["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     startup = main["startupProbe"]
     assert startup["httpGet"]["path"] == "/ready"
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 30 * 60
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 45 * 60
+
+
+@pytest.mark.parametrize("timeout", [60, 7200, 7205, 86400])
+def test_startup_timeout_sets_the_startup_probe_budget_and_the_progress_deadline(timeout: int) -> None:
+    """A model copied from s3:// at start can take longer than 45 minutes; the worker opens its port
+    only once loaded. The probe must allow at least the timeout (less would restart the pod before
+    it loads, forever), and the Deployment's deadline must outlast the probe (shorter, a pod still
+    loading would turn the service RolloutStalled)."""
+    deployment = render_deployment(spec_of(rollout={"startupTimeoutSeconds": timeout}), META)
+    startup = container(deployment)["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    assert timeout <= budget < timeout + startup["periodSeconds"]
+    assert deployment["spec"]["progressDeadlineSeconds"] == budget + 600
 
 
 def test_volumes_mount_model_cache_tmp_and_shm_only_when_multi_gpu() -> None:
@@ -255,6 +315,23 @@ def test_worker_pods_meet_the_restricted_pod_security_standard(path: Any) -> Non
     assert _restricted_violations({**pod, "securityContext": {}})  # the checker can fail
 
 
+def test_runtime_class_and_service_account_pass_through() -> None:
+    """runtimeClassName: nvidia gives a GPU pod NVIDIA's runtime where it is not the node's default
+    (k3s, RKE2, Talos); serviceAccountName carries workload identity or IRSA per service."""
+    pod = {"runtimeClassName": "nvidia", "serviceAccountName": "sdxl-storage"}
+    template = render_deployment(spec_of(pod=pod), META)["spec"]["template"]
+    assert template["spec"]["runtimeClassName"] == "nvidia"
+    assert template["spec"]["serviceAccountName"] == "sdxl-storage"
+    unset = render_deployment(spec_of(), META)["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in unset and "serviceAccountName" not in unset
+
+
+def test_image_pull_policy_is_left_to_kubernetes() -> None:
+    """Kubernetes pulls :latest on every start and other tags once: a fixed IfNotPresent kept
+    serving a stale :latest (or a re-pushed development tag) on nodes that had pulled it before."""
+    assert "imagePullPolicy" not in container(render_deployment(spec_of(image="me/worker:latest"), META))
+
+
 def test_pod_settings_pass_through() -> None:
     pod = {
         "nodeSelector": {"gpu": "h100"},
@@ -346,6 +423,15 @@ def test_model_cache_pvc_follows_spec_and_is_kept_when_asked() -> None:
         "argocd.argoproj.io/sync-options": "Prune=false",
         "argocd.argoproj.io/compare-options": "IgnoreExtraneous",
     }
+
+
+def test_an_empty_storage_class_means_no_class_and_an_absent_one_the_default() -> None:
+    """In Kubernetes storageClassName "" binds a PersistentVolume created beforehand without a class;
+    dropped, the claim would get the cluster's default class and provision a new volume instead."""
+    none = render_model_cache_pvc(spec_of(modelCache={"storageClassName": ""}), META)
+    assert none["spec"]["storageClassName"] == ""
+    default = render_model_cache_pvc(spec_of(), META)
+    assert "storageClassName" not in default["spec"]
 
 
 def test_children_carry_an_applied_hash_and_come_in_apply_order() -> None:

@@ -81,3 +81,31 @@ def test_a_rollout_surge_needs_a_cache_two_pods_can_mount() -> None:
                 "modelCache": {"accessModes": ["ReadWriteOncePod"]},
             }
         )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///data/images",  # the read-only root filesystem
+        "file:///models",  # the cache's root, not a directory under it
+        "file:///tmp/../etc/images",
+        "file://tmp/images",  # host "tmp", path /images
+    ],
+)
+def test_file_storage_outside_the_writable_mounts_is_invalid(url: str) -> None:
+    """The worker's root filesystem is read-only; only /models and /tmp are writable mounts, so
+    anywhere else every url request would fail with 500."""
+    with pytest.raises(InvalidSpecError, match="under /models/, /tmp/"):
+        parse_spec({"model": {"id": "x"}, "storage": {"url": url}})
+
+
+@pytest.mark.parametrize("url", ["file:///tmp/images", "file:///models/images", "s3://bucket/images"])
+def test_file_storage_in_a_writable_mount_or_object_storage_is_valid(url: str) -> None:
+    spec = parse_spec({"model": {"id": "x"}, "storage": {"url": url}})
+    assert spec.storage is not None and spec.storage.url == url
+
+
+def test_startup_timeout_defaults_to_45_minutes() -> None:
+    assert parse_spec({"model": {"id": "x"}}).rollout.startup_timeout_seconds == 45 * 60
+    custom = parse_spec({"model": {"id": "x"}, "rollout": {"startupTimeoutSeconds": 7200}})
+    assert custom.rollout.startup_timeout_seconds == 7200
