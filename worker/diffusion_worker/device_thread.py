@@ -29,7 +29,8 @@ class DeviceThread:
 
     def __init__(self, name: str, device: str) -> None:
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, args=(device,), name=name, daemon=True)
+        cuda_index = _cuda_index(device)  # here, so a bad device raises in the caller
+        self._thread = threading.Thread(target=self._serve, args=(cuda_index,), name=name, daemon=True)
         self._thread.start()
 
     def call(self, function: Callable[..., T], *args: Any) -> T:
@@ -45,14 +46,34 @@ class DeviceThread:
         """End the thread once the calls already queued have run."""
         self._calls.put(None)
 
-    def _serve(self, device: str) -> None:
-        if device.startswith("cuda"):
-            import torch
+    def _serve(self, cuda_index: int | None) -> None:
+        setup_error: BaseException | None = None
+        if cuda_index is not None:
+            try:
+                import torch
 
-            torch.cuda.set_device(torch.device(device))  # collectives and caches use the current device
+                torch.cuda.set_device(cuda_index)  # collectives and caches use the current device
+            except BaseException as exc:
+                setup_error = exc
         while (item := self._calls.get()) is not None:
-            _run(*item)
+            if setup_error is not None:  # every call fails with it, none waits forever
+                item[1].set_exception(
+                    RuntimeError(f"the device thread could not select cuda:{cuda_index}: {setup_error!r}")
+                )
+            else:
+                _run(*item)
             del item  # nothing of a finished call stays referenced here (its tensors, its images)
+
+
+def _cuda_index(device: str) -> int | None:
+    """The CUDA device index a thread for `device` selects: its own, or the current device for a
+    bare `cuda` (torch.cuda.set_device refuses a device without an index); None off CUDA."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
 
 
 def _run(

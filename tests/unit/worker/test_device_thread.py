@@ -45,3 +45,38 @@ def test_errors_reach_the_caller_and_the_thread_goes_on() -> None:
     # A call made from the thread itself (a step callback that decodes a preview) runs at once.
     assert device.call(lambda: device.call(lambda: "nested")) == "nested"
     device.stop()
+
+
+@pytest.mark.parametrize(("device", "selected"), [("cuda", 0), ("cuda:1", 1)])
+def test_a_cuda_thread_selects_a_device_index(
+    monkeypatch: pytest.MonkeyPatch, device: str, selected: int
+) -> None:
+    """torch.cuda.set_device refuses a bare `cuda` device (no index): the thread died before its
+    first call and every call, the start-up check first, waited forever. Torch's CUDA calls are
+    replaced (no GPU here); the index reaches set_device as an int."""
+    import torch
+
+    chosen: list[object] = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    thread = DeviceThread("pipeline-test", device)
+    assert thread.call(lambda: 7) == 7
+    assert chosen == [selected]
+    thread.stop()
+
+
+@pytest.mark.timeout(10)
+def test_a_thread_that_cannot_select_its_device_fails_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device the thread cannot select (a driver error) fails each call, instead of leaving the
+    callers blocked on a thread that is gone. torch.cuda is replaced: no GPU here."""
+    import torch
+
+    def refuse(index: object) -> None:
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(torch.cuda, "set_device", refuse)
+    thread = DeviceThread("pipeline-test", "cuda:0")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match=r"could not select cuda:0.*no CUDA-capable device"):
+            thread.call(lambda: 7)
+    thread.stop()
