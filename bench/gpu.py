@@ -16,11 +16,22 @@ run stopped at the device's 10-minute limit still leaves everything it measured)
    for the reference seed (compared with the raw one), then seconds per image at concurrency 1
    (split, from the worker's /metrics, into the pipeline call, encoding, and the rest) and images
    per second at concurrency 8 (--max-batch-size 8);
-4. raw compiled: as 2 with `pipe.unet = torch.compile(pipe.unet)` / `pipe.transformer.compile()`
-   and a warm-up call;
-5. worker compiled: as 3 with `serve --compile` (compiled and warmed up before the port opens).
+4. worker compiled: as 3 with `serve --compile` (compiled and warmed up before the port opens);
+   before the raw compiled phase because the product's path matters more when time runs short;
+5. raw compiled: as 2 with `pipe.unet = torch.compile(pipe.unet)` / `pipe.transformer.compile()`
+   and a warm-up call (the inductor cache is shared, so it may find kernels the worker compiled).
 Then the time to PNG-encode the reference image on the machine's CPU, Pillow vs the worker's
 encoder (`png_encode`): a cost the worker pays per image and the raw loop does not.
+
+Each model's `correctness.passed` is true when every gating check passed (architecture-exact
+parameters, finite raw images, the worker's eager image equal to the raw one for the same seed),
+false when one failed, and null when nothing failed but the worker's eager image was never compared
+(its phase failed or was skipped; `not_checked` lists what was not compared). The compiled images
+are compared too, for information only, and the compiled `ratios` carry a `note`: the worker's
+graph is dynamic in the batch size, the raw loop's static, so their kernels differ.
+
+A worker gets a start-up limit per phase (about 3 minutes eager, more for compiling) and is given
+up on early when its log shows `cannot start`, a traceback or a dying thread before it is ready.
 
 Settings: SD 1.5 512x512 30 steps fp16, SDXL 1024x1024 30 steps bf16 (guidance 7.5); FLUX.1-dev
 1024x1024 28 steps bf16, guidance 3.5. Results go to `<out>/gpu-<card>-<date>[-<models>].json`.
@@ -30,7 +41,9 @@ Device time, estimated before any GPU run: SD 1.5 about 5 minutes, SDXL about 9,
 10-minute call: `--model sd15`, `--model sdxl`, `--model flux --modes eager`, then
 `--model flux --modes compiled` on the still-warm machine (the saved model is reused if /tmp
 survived). `--all` runs every model in sequence; like every run it stops starting phases that
-would not end within --time-budget (default 540 s) and records them as skipped.
+would not end within --time-budget (default 540 s, counted from the start of `main`) or before
+--end-at (a Unix time: `bench/gpu_session.sh` passes its own end, so installing, the GPU tests and
+this script's imports all count) and records them as skipped.
 
 On the device machine (Python 3.12 and torch, no diffusers/fastapi/pydantic; wheels from
 `bench/gpu_wheels.sh`, carried as `.whl`):
@@ -113,7 +126,28 @@ CONFIG_PATH = BENCH_DIR / "fullsize_configs.json"
 WORKER_DIR = BENCH_DIR.parent / "worker"
 BUILD_MARKER = "BENCH_BUILD.json"
 LOG_TAIL_LINES = 25
-STARTUP_LIMIT_S = 1200  # load plus compile warm-up; FLUX's takes minutes
+# A worker's start-up, eager: imports, loading, the batch-size check (plus twice the raw load time,
+# for models that take long to read). Compiled start-ups get STARTUP_COMPILE_FACTOR times the
+# estimated compile time on top.
+EAGER_STARTUP_LIMIT_S = 180.0
+STARTUP_COMPILE_FACTOR = 2.0
+# Lines in a worker's log that mean it will never become ready: the server's own refusal, an
+# uncaught exception, a thread that died (the calls it should run would wait forever).
+STARTUP_FAILURE_MARKERS = ("cannot start", "Traceback (most recent call last)", "Exception in thread")
+# Graphs the worker compiles before it is ready: the batch-size check's full batch (CUDA only), a
+# dynamic batch, and the warm-up's single image at guidance 1 (TORCH_LOGS=recompiles on torch 2.11
+# showed all three for SD 1.5).
+WORKER_COMPILE_GRAPHS = 3
+# Compile times vary from run to run: a compiled phase starts only if 1.5x its estimate fits.
+COMPILE_MARGIN = 1.5
+# Seconds one cold torch.compile of the denoiser is assumed to take before any is measured (the
+# worker's compiled phase runs first, so its start-up is the first measurement). Guesses for an
+# H100-class card, not measurements.
+COMPILE_PRIOR_S = {"sd15": 60.0, "sdxl": 120.0, "flux": 180.0}
+COMPILED_RATIO_NOTE = (
+    "the worker's compiled graph is dynamic in the batch size (it batches requests), the raw loop's "
+    "static at one image: their kernels differ, so this ratio is not serving overhead alone"
+)
 
 
 @dataclass(frozen=True)
@@ -622,6 +656,15 @@ class Deadline:
         return self.remaining() >= seconds
 
 
+def budget_seconds(time_budget_s: float, end_at: float | None, now: float) -> float | None:
+    """Seconds the run may take from `now` (a Unix time): the shorter of --time-budget (0: none) and
+    what is left until --end-at; None when neither is given."""
+    limits = [time_budget_s] if time_budget_s else []
+    if end_at is not None:
+        limits.append(end_at - now)
+    return min(limits) if limits else None
+
+
 # --- raw diffusers -------------------------------------------------------------------------------
 
 
@@ -717,6 +760,14 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
         return []
 
 
+def startup_failure(log_text: str) -> str | None:
+    """The first line of a worker's start-up log that says it will never become ready, if any."""
+    for line in log_text.splitlines():
+        if any(marker in line for marker in STARTUP_FAILURE_MARKERS):
+            return line.strip()
+    return None
+
+
 def worker_command(
     directory: Path, setting: ModelSetting, device: str, port: int, compiled: bool, extra: list[str]
 ) -> list[str]:
@@ -767,9 +818,11 @@ def worker_env(rehearse: bool) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running_worker(
-    command: list[str], env: dict[str, str], log_path: Path, deadline: Deadline
+    command: list[str], env: dict[str, str], log_path: Path, deadline: Deadline, startup_limit_s: float
 ) -> Iterator[tuple[str, float]]:
-    """Start the worker, wait for GET /ready == 200; yields (base url, seconds to ready)."""
+    """Start the worker, wait for GET /ready == 200; yields (base url, seconds to ready). Raises
+    WorkerStartError (the worker is stopped) when it exits, logs a start-up failure, or is not
+    ready within `startup_limit_s` or the deadline."""
     port = int(command[command.index("--port") + 1])
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
@@ -777,13 +830,27 @@ def running_worker(
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         while True:
+            failure = startup_failure(log_path.read_text(errors="replace"))
             if process.poll() is not None:
-                raise WorkerStartError(f"worker exited with status {process.returncode}", log_tail(log_path))
+                reason = f": {failure}" if failure else ""
+                raise WorkerStartError(
+                    f"worker exited with status {process.returncode}{reason}", log_tail(log_path)
+                )
+            if failure:  # e.g. a device thread died: the worker lives on but never becomes ready
+                raise WorkerStartError(f"worker failed at start-up: {failure}", log_tail(log_path))
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
                     break
-            if deadline.remaining() <= 0 or time.perf_counter() - started > STARTUP_LIMIT_S:
-                raise WorkerStartError("worker not ready within the time budget", log_tail(log_path))
+            waited = time.perf_counter() - started
+            if waited > startup_limit_s:
+                raise WorkerStartError(
+                    f"worker not ready after {waited:.0f} s (start-up limit {startup_limit_s:.0f} s)",
+                    log_tail(log_path),
+                )
+            if deadline.remaining() <= 0:
+                raise WorkerStartError(
+                    f"worker not ready after {waited:.0f} s (time budget spent)", log_tail(log_path)
+                )
             time.sleep(0.5)
         yield url, time.perf_counter() - started
     finally:
@@ -922,19 +989,27 @@ def measure_worker(
 
 
 def run_worker(
-    directory: Path, setting: ModelSetting, device: str, compiled: bool, context: BenchContext
+    directory: Path,
+    setting: ModelSetting,
+    device: str,
+    compiled: bool,
+    context: BenchContext,
+    startup_limit_s: float,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Serve the model in a subprocess and measure it over HTTP; a worker that cannot start (an
-    unknown flag, say) gives a record with `skipped` or `error` and the end of its log."""
+    unknown flag, a failure in its log, no readiness within `startup_limit_s`) gives a record with
+    `skipped` or `error` and the end of its log."""
     port = free_port()
     command = worker_command(directory, setting, device, port, compiled, context.worker_args)
     log_path = context.log_dir / f"worker-{setting.name}-{'compiled' if compiled else 'eager'}.log"
-    record: dict[str, Any] = {"command": shlex.join(command[1:]), "log": str(log_path)}
+    record: dict[str, Any] = {
+        "command": shlex.join(command[1:]),
+        "log": str(log_path),
+        "startup_limit_s": round(startup_limit_s),
+    }
+    env = worker_env(context.rehearse)
     try:
-        with running_worker(command, worker_env(context.rehearse), log_path, context.deadline) as (
-            url,
-            ready_s,
-        ):
+        with running_worker(command, env, log_path, context.deadline, startup_limit_s) as (url, ready_s):
             record["startup_s"] = round(ready_s, 2)
             timeout = httpx.Timeout(max(30.0, min(context.deadline.remaining(), 900.0)))
             limits = httpx.Limits(max_connections=CONCURRENCY)
@@ -974,18 +1049,43 @@ class BenchContext:
         partial.replace(self.out_path)
 
 
-def phase_estimate(phases: dict[str, Any], side: str, compiled: bool) -> float:
-    """Rough seconds a phase needs, from the phases already run. Compiling costs about what the raw
-    warm-up call took; the worker compiles up to three graphs before it is ready (the batch-size
-    check's full batch, which runs on CUDA only, a dynamic batch, and the warm-up's single image at
-    guidance 1: TORCH_LOGS=recompiles on torch 2.11 showed all three for SD 1.5)."""
+def phase_order(mode: str) -> tuple[str, str]:
+    """The sides of one mode in the order they run: eager raw first (its image and times feed the
+    worker's phase); compiled worker first, the product's path, in case time runs out."""
+    return ("raw", "worker") if mode == "eager" else ("worker", "raw")
+
+
+def compile_estimate(phases: dict[str, Any], prior_s: float) -> float:
+    """Seconds one compile of the denoiser takes: what the worker's compiled start-up took over its
+    eager one, per graph, once measured; `prior_s` before."""
+    compiled = phases.get("worker_compiled", {}).get("startup_s")
+    eager = phases.get("worker_eager", {}).get("startup_s")
+    if compiled is None or eager is None:
+        return prior_s
+    return max((float(compiled) - float(eager)) / WORKER_COMPILE_GRAPHS, 1.0)
+
+
+def phase_estimate(phases: dict[str, Any], side: str, compiled: bool, compile_s: float) -> float:
+    """Rough seconds a phase needs, from the phases already run and `compile_s`, the estimated
+    seconds of one compile (with COMPILE_MARGIN on top: a compiled phase that cannot end must not
+    start). The raw loop compiles one graph, the worker WORKER_COMPILE_GRAPHS."""
     raw_eager = float(phases.get("raw_eager", {}).get("elapsed_s", 0.0))
     if not compiled:
         return raw_eager if side == "worker" else 0.0
     if side == "raw":
-        return raw_eager + 60.0
-    compile_s = float(phases.get("raw_compiled", {}).get("first_call_s", 60.0))
-    return float(phases.get("worker_eager", {}).get("elapsed_s", 0.0)) + 3 * compile_s
+        return raw_eager + COMPILE_MARGIN * compile_s
+    worker_eager = float(phases.get("worker_eager", {}).get("elapsed_s", 0.0))
+    return worker_eager + COMPILE_MARGIN * WORKER_COMPILE_GRAPHS * compile_s
+
+
+def startup_limit(phases: dict[str, Any], compiled: bool, compile_s: float) -> float:
+    """Seconds a worker may take to become ready before it is given up on: EAGER_STARTUP_LIMIT_S
+    plus twice the raw load time, and for --compile a generous multiple of its graphs' compile
+    time on top."""
+    limit = EAGER_STARTUP_LIMIT_S + 2 * float(phases.get("raw_eager", {}).get("load_s", 0.0))
+    if compiled:
+        limit += STARTUP_COMPILE_FACTOR * WORKER_COMPILE_GRAPHS * compile_s
+    return limit
 
 
 def run_phase(
@@ -1036,6 +1136,8 @@ def ratios(phases: dict[str, Any], mode: str) -> dict[str, Any]:
         found["worker_over_raw_s_per_image_single_stream"] = round(worker_s / raw_s, 4)
     if raw_s and worker_c8:
         found["worker_c8_images_per_s_over_raw_sequential"] = round(worker_c8 * raw_s, 4)
+    if found and mode == "compiled":
+        found["note"] = COMPILED_RATIO_NOTE
     return found
 
 
@@ -1058,7 +1160,8 @@ def check_correctness(
     images: dict[str, np.ndarray | None], phases: dict[str, Any], tolerance: float
 ) -> dict[str, Any]:
     """Architecture-exact models, finite raw outputs, and the worker's reference-seed image equal
-    to the raw one, per mode."""
+    to the raw one, per mode. `passed` is False if a gating check failed, None (not known) if none
+    failed but the worker's eager image was not compared, True otherwise."""
     checks: dict[str, Any] = {}
     not_checked: list[str] = []
     if "params_match_reference" in phases.get("build", {}):
@@ -1086,7 +1189,10 @@ def check_correctness(
             "the worker's compiled graph is dynamic in the batch size, the raw loop's static"
         )
     gating = [c["passed"] for c in checks.values() if "informational" not in c]
-    checks["passed"] = bool(gating) and all(gating)
+    passed: bool | None = all(gating)
+    if passed and "worker_eager_vs_raw_eager" not in checks:
+        passed = None  # the check the headline is about never ran: not a pass
+    checks["passed"] = passed
     checks["not_checked"] = not_checked  # a phase was skipped or failed: see its record
     return checks
 
@@ -1159,24 +1265,24 @@ def bench_model(
     for mode in modes:
         compiled = mode == "compiled"
         phases = record["phases"]
-        if compiled and context.rehearse and not context.rehearse_compile:
-            phases["raw_compiled"] = {"skipped": REHEARSAL_COMPILE_SKIPPED}
-            phases["worker_compiled"] = {"skipped": REHEARSAL_COMPILE_SKIPPED}
-        else:
-            images[f"raw_{mode}"] = run_phase(
-                context,
-                record,
-                f"raw_{mode}",
-                phase_estimate(phases, "raw", compiled),
-                functools.partial(run_raw, directory, setting, context.device, compiled, context.deadline),
-            )
-            images[f"worker_{mode}"] = run_phase(
-                context,
-                record,
-                f"worker_{mode}",
-                phase_estimate(phases, "worker", compiled),
-                functools.partial(run_worker, directory, setting, context.device, compiled, context),
-            )
+        for side in phase_order(mode):
+            key = f"{side}_{mode}"
+            if compiled and context.rehearse and not context.rehearse_compile:
+                phases[key] = {"skipped": REHEARSAL_COMPILE_SKIPPED}
+                continue
+            compile_s = compile_estimate(phases, COMPILE_PRIOR_S[name])
+            body: Callable[[], tuple[dict[str, Any], np.ndarray | None]]
+            if side == "raw":
+                body = functools.partial(
+                    run_raw, directory, setting, context.device, compiled, context.deadline
+                )
+            else:
+                limit = startup_limit(phases, compiled, compile_s)
+                body = functools.partial(
+                    run_worker, directory, setting, context.device, compiled, context, limit
+                )
+            estimate = phase_estimate(phases, side, compiled, compile_s)
+            images[key] = run_phase(context, record, key, estimate, body)
         record["ratios"] = {m: ratios(phases, m) for m in MODES if f"raw_{m}" in phases}
         record["compile_speedup"] = compile_speedups(phases)
         record["correctness"] = check_correctness(images, phases, context.tolerance)
@@ -1310,14 +1416,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--time-budget",
         type=float,
         default=540.0,
-        help="seconds; phases that would end later are skipped (0: no limit)",
+        help="seconds from the start; phases that would end later are skipped (0: no limit)",
+    )
+    parser.add_argument(
+        "--end-at",
+        type=float,
+        help="Unix time the run must end by (e.g. the device call's end); with --time-budget, "
+        "whichever comes first",
     )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or its rehearsal) and write the result file; returns the exit status."""
+    started, now = time.monotonic(), time.time()  # importing torch and starting CUDA count too
     args = parse_args(argv)
+    deadline = Deadline(budget_seconds(args.time_budget, args.end_at, now), started=started)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
     import torch
@@ -1344,7 +1458,7 @@ def main(argv: list[str] | None = None) -> int:
         rehearse_compile=args.rehearse_compile,
         worker_args=[part for arg in args.worker_arg for part in shlex.split(arg)],
         tolerance=args.tolerance,
-        deadline=Deadline(args.time_budget or None),
+        deadline=deadline,
         models_dir=args.models_dir,
         log_dir=args.log_dir or Path(tempfile.mkdtemp(prefix="bench-gpu-logs-")),
         out_path=args.out / result_filename(card, today, models, args.rehearse),
@@ -1360,12 +1474,13 @@ def main(argv: list[str] | None = None) -> int:
                 "modes": args.modes,
                 "worker_args": args.worker_arg,
                 "tolerance": args.tolerance,
-                "time_budget_s": args.time_budget or None,
+                "time_budget_s": None if deadline.budget_s is None else round(deadline.budget_s, 1),
                 "raw_baseline": "DiffusionPipeline.from_pretrained(dir, dtype=...).to(device); "
                 "pipe(prompt, generator=torch.Generator('cpu').manual_seed(seed)), one image per call",
                 "weights": "random, architecture-exact (bench/fullsize_configs.json); tokenizers tiny, "
                 "padded to full length",
-                "inductor_cache": "shared by the raw and worker compiled phases",
+                "inductor_cache": "shared by the raw and worker compiled phases; the worker's runs "
+                "first, so the raw first call may find some of its kernels compiled",
             },
             "models": {},
         },

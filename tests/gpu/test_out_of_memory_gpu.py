@@ -12,6 +12,7 @@ unconstrained batch, and that the memory of the failed call is returned to the d
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,20 @@ def batch(images: int) -> GenerationBatch:
     )
 
 
+@pytest.fixture
+def exact_fp32() -> Iterator[None]:
+    """fp32 matmuls and convolutions without TF32 (which rounds their inputs to 10 mantissa bits);
+    the previous settings are restored after."""
+    import torch
+
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def peak_reserved(engine: Engine, images: int, base: int) -> int:
     """Bytes the allocator reserved, above `base`, to make a batch of `images`."""
     import torch
@@ -67,10 +82,14 @@ def through_scheduler(engine: Engine, metrics: WorkerMetrics, images: int) -> li
 
 @pytest.mark.skipif(not cuda(), reason="needs CUDA")
 @pytest.mark.timeout(600)
+@pytest.mark.usefixtures("exact_fp32")
 def test_a_batch_too_big_for_the_card_is_split_and_its_memory_returns(tiny_model_dir: Path) -> None:
     import torch
 
-    (engine,) = load_engines(WorkerSettings(model=str(tiny_model_dir), device="cuda"))
+    # The split batches must make the batch of 4's images within 2 levels, but each batch size picks
+    # its own kernels, whose rounding in bf16 (dtype auto on CUDA) or TF32 alone moves pixels by more
+    # (bf16 vs fp32: up to 6 levels on the CPU). So fp32, and no TF32 (the exact_fp32 fixture).
+    (engine,) = load_engines(WorkerSettings(model=str(tiny_model_dir), device="cuda", dtype="float32"))
     try:
         expected = [np.asarray(image, dtype=np.int16) for image in engine.generate(batch(4))]
         torch.cuda.empty_cache()
