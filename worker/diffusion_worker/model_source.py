@@ -1,8 +1,10 @@
 """Turns `--model` (Hub id, local directory, builtin:NAME, s3:// or gs:// URI) into what
-`DiffusionPipeline.from_pretrained` loads."""
+`DiffusionPipeline.from_pretrained` loads, and keeps the cache dir's rules for whoever writes a model
+there (this module's built-in models, `remote_model`'s copies): a lock, staging names, fsync."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fsspec import callbacks as fsspec_callbacks
-
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -25,8 +25,12 @@ REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 # Optional file in a model directory: request defaults the model was tuned for, e.g.
 # {"num_inference_steps": 20, "guidance_scale": 5.0}. Worker flags still win over it.
 WORKER_DEFAULTS_FILE = "worker_defaults.json"
-# How often a model copy from object storage logs its progress, at most.
-PROGRESS_LOG_SECONDS = 30.0
+# A staging file or folder nobody has written to for this long is taken for abandoned, whichever node
+# wrote it. A writer touches its file as long as it writes; an hour allows for clocks that differ.
+STALE_STAGING_SECONDS = 3600.0
+# The writer (host and process id) of a staging name (`staging_name`), and of names made from it
+# (the tiny-sd builder's `.NAME.partial-HOST-PID.tmp-XXXX`).
+STAGING_WRITER = re.compile(r"\.partial-(?P<host>.+)-\d+(\..*)?$")
 
 
 class ModelSourceError(Exception):
@@ -68,7 +72,9 @@ def resolve_model(model: str, cache_dir: Path) -> ModelLocation:
     if model.startswith(BUILTIN_PREFIX):
         return ModelLocation(str(_builtin_model_dir(model.removeprefix(BUILTIN_PREFIX), cache_dir)), False)
     if model.startswith(REMOTE_SCHEMES):
-        return ModelLocation(str(_download_remote_model(model, cache_dir)), False)
+        from diffusion_worker.remote_model import copy_remote_model
+
+        return ModelLocation(str(copy_remote_model(model, cache_dir)), False)
     path = Path(model).expanduser()
     if path.exists() or model.startswith(("/", "./", "../", "~")):
         if not (path / "model_index.json").is_file():
@@ -107,82 +113,9 @@ def _builtin_model_dir(name: str, cache_dir: Path) -> Path:
     return _materialised(cache_dir / "builtin" / name, builder, f"built-in model {name}")
 
 
-def _download_remote_model(uri: str, cache_dir: Path) -> Path:
-    import fsspec
-
-    local = cache_dir / "remote" / re.sub(r"[^A-Za-z0-9._-]+", "_", uri)
-    if _complete(local):
-        log.info("using cached copy of %s at %s", uri, local)
-        return local
-    fs, root = fsspec.core.url_to_fs(uri)
-    root = root.rstrip("/")
-    if not fs.exists(f"{root}/model_index.json"):
-        raise ModelSourceError(f"--model {uri!r}: no diffusers pipeline there (model_index.json not found)")
-
-    def download(staging: Path) -> None:
-        try:
-            sizes = [int(info.get("size") or 0) for info in fs.find(root, detail=True).values()]
-            progress = _CopyProgress(uri, len(sizes), sum(sizes))
-            fs.get(f"{root}/", f"{staging}/", recursive=True, callback=progress)
-        except Exception as exc:
-            raise ModelSourceError(f"--model {uri!r}: download failed: {type(exc).__name__}: {exc}") from exc
-        progress.finished()
-
-    return _materialised(local, download, uri)
-
-
-def _amount(size: int) -> str:
-    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-
-
-class _CopyProgress(fsspec_callbacks.Callback):  # type: ignore[misc]  # fsspec is untyped
-    """Logs a model copy as it goes, at most every PROGRESS_LOG_SECONDS (a big model takes minutes,
-    and a silent log looks like a hang): the bytes copied, summed from each file's own callback.
-    (fsspec's own count here is of transfers, folders included, so it is not shown.)"""
-
-    def __init__(self, uri: str, files: int, total_bytes: int) -> None:
-        super().__init__()
-        self.uri = uri
-        self.total_bytes = total_bytes
-        self.bytes_done = 0
-        self.started = self.logged_at = time.monotonic()
-        log.info("copying %s: %d files, %s", uri, files, _amount(total_bytes))
-
-    def branched(self, path_1: str, path_2: str, **kwargs: Any) -> fsspec_callbacks.Callback:
-        return _FileBytes(self)
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        self.log_now_and_then()
-
-    def log_now_and_then(self) -> None:
-        now = time.monotonic()
-        if now - self.logged_at >= PROGRESS_LOG_SECONDS:
-            self.logged_at = now
-            log.info("copying %s: %s of %s", self.uri, _amount(self.bytes_done), _amount(self.total_bytes))
-
-    def finished(self) -> None:
-        log.info(
-            "copied %s: %s in %.1f s", self.uri, _amount(self.bytes_done), time.monotonic() - self.started
-        )
-
-
-class _FileBytes(fsspec_callbacks.Callback):  # type: ignore[misc]
-    """One file's bytes, added to its copy's total as they arrive."""
-
-    def __init__(self, copy: _CopyProgress) -> None:
-        super().__init__()
-        self.copy = copy
-        self.counted = 0
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        self.copy.bytes_done += self.value - self.counted
-        self.counted = self.value
-        self.copy.log_now_and_then()
-
-
 def _complete(directory: Path) -> bool:
-    """True once `directory` holds a pipeline: cached copies are only ever renamed into place whole,
-    so a model_index.json there means every file is."""
+    """True once `directory` holds a built model: they are only ever renamed into place whole, so a
+    model_index.json there means every file is."""
     return (directory / "model_index.json").is_file()
 
 
@@ -191,25 +124,28 @@ def _materialised(directory: Path, make: Callable[[Path], Any], what: str) -> Pa
 
     Processes that share the cache may start together: replicas on one ReadWriteMany volume, the
     ranks of a context-parallel worker. A lock file next to `directory` lets one of them make it
-    while the others wait and then find it, so a model is downloaded once. Each maker writes into a
-    staging directory of its own and renames it into place, so `directory` appears whole or not at
-    all: on a filesystem without locks two processes may both make it, but never mix their files."""
+    while the others wait and then find it, so a model is built once. Each maker writes into a
+    staging directory of its own, syncs it to disk and renames it into place, so `directory` appears
+    whole or not at all: where locks do not exclude every process (refused, or per node on NFS) two
+    may both make it, but never mix their files or delete each other's (see `abandoned`)."""
     if _complete(directory):
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with _cache_lock(directory, what) as locked:
+    with cache_lock(directory, what) as locked:
         if _complete(directory):
             log.info("%s: another process put it at %s", what, directory)
             return directory
-        if locked:  # nobody else writes now: staging left by a process that died goes
-            for stale in directory.parent.glob(f".{directory.name}.partial-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-        staging = directory.with_name(f".{directory.name}.partial-{socket.gethostname()}-{os.getpid()}")
+        for left in directory.parent.glob(f".{directory.name}.partial-*"):
+            if abandoned(left, locked):
+                shutil.rmtree(left, ignore_errors=True)
+        staging = directory.with_name(staging_name(directory.name))
         shutil.rmtree(staging, ignore_errors=True)
         log.info("writing %s to %s", what, directory)
         try:
             make(staging)
+            sync_tree(staging)
             _rename_into_place(staging, directory)
+            fsync_path(directory.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return directory
@@ -226,10 +162,64 @@ def _rename_into_place(staging: Path, directory: Path) -> None:
         log.info("%s: another process renamed its copy into place first; keeping that one", directory)
 
 
+def staging_name(name: str) -> str:
+    """`.NAME.partial-HOST-PID`: where this process writes NAME until it is whole."""
+    return f".{name}{staging_suffix()}"
+
+
+def staging_suffix() -> str:
+    """What ends the names of this process's staging files and folders."""
+    return f".partial-{socket.gethostname()}-{os.getpid()}"
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether `name` is one `staging_name` gives."""
+    return name.startswith(".") and STAGING_WRITER.search(name) is not None
+
+
+def abandoned(path: Path, locked: bool) -> bool:
+    """Whether the writer of staging file or folder `path` (see `staging_name`) is gone: one of this
+    host while we hold the lock (it excludes the processes of one host, even where it is per node,
+    as on NFS with local locks), or any whose writing stopped STALE_STAGING_SECONDS ago. Holding the
+    lock proves nothing of other nodes, so their work in progress is never deleted."""
+    found = STAGING_WRITER.search(path.name)
+    if found is None:
+        return False
+    if locked and found["host"] == socket.gethostname():
+        return True
+    try:
+        paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+        last_written = max(entry.stat().st_mtime for entry in paths)
+    except OSError:  # removed meanwhile, by its writer or its finished rename
+        return False
+    return time.time() - last_written > STALE_STAGING_SECONDS
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a filesystem that cannot sync folders
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, and `root`, before a rename publishes them: after a
+    crash the renamed folder must not hold empty or missing files."""
+    for path in sorted(root.rglob("*"), reverse=True):
+        fsync_path(path)
+    fsync_path(root)
+
+
 @contextmanager
-def _cache_lock(directory: Path, what: str) -> Iterator[bool]:
+def cache_lock(directory: Path, what: str) -> Iterator[bool]:
     """Hold `.NAME.lock` next to `directory`; yields whether the lock is held (False where the
-    filesystem refuses locks: then every process makes its own copy, see `_materialised`)."""
+    filesystem refuses locks: then several processes may write at once, see `_materialised` and
+    `remote_model`)."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(directory.with_name(f".{directory.name}.lock"))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from diffusion_worker.engine import ModelInfo, with_model_defaults
 from diffusion_worker.model_source import (
     BUILTIN_MODELS,
+    STALE_STAGING_SECONDS,
     WORKER_DEFAULTS_FILE,
     ModelLocation,
     ModelSourceError,
@@ -102,3 +106,38 @@ def test_where_locks_are_refused_each_process_writes_its_own_copy_and_the_first_
         "fake"
     ], "our staging copy is gone"
     assert "writing built-in model fake without a lock" in caplog.text
+
+
+def test_a_staging_folder_another_node_may_still_be_writing_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS with per-node locks (nolock, local_lock=all) pods on two nodes both hold the lock, so
+    holding it proves nothing about the other node. Before, the holder deleted every other staging
+    folder, the other node's build in progress included. Now it deletes what this host left (the
+    lock does exclude processes here) and what nobody has touched for STALE_STAGING_SECONDS."""
+    target = tmp_path / "builtin" / "fake"
+    target.parent.mkdir(parents=True)
+
+    def staging_folder(writer: str, age_seconds: float) -> Path:
+        folder = target.with_name(f".fake.partial-{writer}")
+        folder.mkdir()
+        (folder / "model_index.json").write_text("{}")
+        touched = time.time() - age_seconds
+        for path in (folder / "model_index.json", folder):
+            os.utime(path, (touched, touched))
+        return folder
+
+    other_node_writing = staging_folder("other-node-12", age_seconds=60)
+    other_node_gone = staging_folder("gone-node-12", age_seconds=STALE_STAGING_SECONDS + 60)
+    this_host_dead = staging_folder(f"{socket.gethostname()}-999999", age_seconds=60)
+
+    def build(staging: Path) -> Path:
+        staging.mkdir(parents=True)
+        (staging / "model_index.json").write_text('{"copy": "ours"}')
+        return staging
+
+    monkeypatch.setitem(BUILTIN_MODELS, "fake", build)
+    assert resolve_model("builtin:fake", tmp_path) == ModelLocation(str(target), False)
+    assert other_node_writing.exists()
+    assert not other_node_gone.exists()
+    assert not this_host_dead.exists()
