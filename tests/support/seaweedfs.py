@@ -105,7 +105,9 @@ class SeaweedServer:
             f"-s3.config={self.config}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
-            "-volume.max=8",
+            # Each bucket with data is a collection with volumes of its own: with 8, a third bucket's
+            # writes failed with InternalError. Volumes are files made as they are used.
+            "-volume.max=32",
             "-master.volumeSizeLimitMB=64",
             "-master.electionTimeout=1s",  # a single master restarting elects itself in ~1 s, not ~15 s
         ]

@@ -55,6 +55,17 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def image_store(settings: WorkerSettings) -> ImageStore:
+    """Where response_format=url images go, as the settings say."""
+    return ImageStore(
+        settings.storage_url,
+        public_base_url=settings.public_base_url,
+        url_expiry_seconds=settings.url_expiry_seconds,
+        remove_expired=settings.storage_url == default_storage_url(),
+        presign_endpoint_url=settings.presign_endpoint_url,
+    )
+
+
 def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engines) -> FastAPI:
     """The worker's ASGI app; the model is loaded in its lifespan and released when it ends."""
     metrics = WorkerMetrics()
@@ -71,12 +82,7 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
             batch_wait_seconds=settings.batch_wait_ms / 1000,
             hung_after_seconds=2 * settings.request_timeout,
         )
-        store = ImageStore(
-            settings.storage_url,
-            public_base_url=settings.public_base_url,
-            url_expiry_seconds=settings.url_expiry_seconds,
-            remove_expired=settings.storage_url == default_storage_url(),
-        )
+        store = image_store(settings)
         encoder = ImageEncoder(settings.encode_threads or default_encode_threads())
         app.state.service = ImageGenerationService(
             settings, engines[0].info, scheduler, store, metrics, encoder
@@ -162,7 +168,9 @@ def build_app(settings: WorkerSettings, engine_loader: EngineLoader = load_engin
     @app.get("/v1/images/files/{key:path}", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
     async def get_image_file(key: str, request: Request) -> FileResponse:
         store: ImageStore = request.app.state.store
-        path = store.local_file(key) if store.serves_files else None
+        # Off the event loop: on NFS (file:// storage shared by replicas) a stalled server would
+        # otherwise freeze every request, /health included.
+        path = await asyncio.to_thread(store.local_file, key) if store.serves_files else None
         if path is None:
             raise APIError(404, f"No image at {key!r}", param="key", code="not_found")
         return FileResponse(path, media_type=_media_type(path.suffix))
@@ -355,13 +363,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return validation_error_to_api_error(exc).response()
+        return validation_error_to_api_error(exc, request.headers.get("content-type")).response()
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kinds = {404: ("not_found", "Unknown route"), 405: ("method_not_allowed", "Method not allowed")}
         code, message = kinds.get(exc.status_code, ("http_error", str(exc.detail)))
-        if exc.status_code in kinds:
+        if exc.status_code == 400:  # FastAPI's only 400: a JSON body its parser raised on
+            code, message = "invalid_json", UNPARSABLE_BODY_MESSAGE
+        elif exc.status_code in kinds:
             message = f"{message}: {request.method} {request.url.path}"
         # Starlette's 405 carries `Allow` (RFC 9110 requires it); keep it and any other header.
         return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response()
@@ -371,14 +381,22 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, on_http_error)
 
 
-def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
-    """First pydantic error -> 400 naming the parameter (`nvext.seed`) and the value received."""
+# FastAPI answers 400 itself when parsing a JSON body raises other than a JSON syntax error: the
+# parser's RecursionError on deep nesting, a body that is not UTF-8.
+UNPARSABLE_BODY_MESSAGE = "The request body could not be parsed as JSON (nested too deeply, or not UTF-8)"
+
+
+def validation_error_to_api_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
+    """First pydantic error -> 400 naming the parameter (`nvext.seed`) and the value received;
+    `content_type`, the request's, names what to fix in a body that was never parsed as JSON."""
     error = exc.errors()[0]
     location = [str(part) for part in error.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     # Only the body itself not being an object is invalid_json; a field that should be one
     # (`nvext: [1]`) is named like any other bad value.
     if error.get("type") == "json_invalid" or (param is None and "input" in error):
+        if isinstance(error.get("input"), bytes):
+            return unparsed_body_error(content_type)
         return APIError(400, "The request body must be a JSON object", code="invalid_json")
     if error.get("type") == "missing":
         return APIError(400, f"`{param}` is required", param=param, code="missing_required_parameter")
@@ -387,3 +405,15 @@ def validation_error_to_api_error(exc: RequestValidationError) -> APIError:
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     received = json.dumps(error.get("input"), default=str)[:200]
     return APIError(400, f"`{param}`: {message}, got {received}", param=param, code="invalid_value")
+
+
+def unparsed_body_error(content_type: str | None) -> APIError:
+    """400 invalid_json for a body FastAPI left as bytes: it parses JSON only when the Content-Type
+    says so (application/json, application/*+json), so a JSON object sent as text/plain, as curl -d
+    sends it (form-urlencoded) or with no Content-Type was refused as not being one."""
+    sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+    return APIError(
+        400,
+        f"The request body must be JSON sent with `Content-Type: application/json`; it came with {sent}",
+        code="invalid_json",
+    )

@@ -73,7 +73,7 @@ def _cuda_index(device: str) -> int | None:
     import torch
 
     index = torch.device(device).index
-    return torch.cuda.current_device() if index is None else index
+    return int(torch.cuda.current_device()) if index is None else int(index)
 
 
 def _run(

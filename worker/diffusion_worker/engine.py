@@ -136,7 +136,8 @@ class Engine(Protocol):
 
 
 def select_devices(settings: WorkerSettings) -> list[str]:
-    """One device per data-parallel rank: cuda:0..N-1 when CUDA is present, else N times cpu."""
+    """One device per data-parallel rank: cuda:K..K+N-1 from --device cuda:K (cuda:0.. without an
+    index) when CUDA is present, else N times cpu."""
     import torch
 
     base = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,13 +152,19 @@ def select_devices(settings: WorkerSettings) -> list[str]:
         raise ModelLoadError(
             f"--device {base}: {available} CUDA devices visible (CUDA_VISIBLE_DEVICES, the pod's GPUs)"
         )
-    if settings.data_parallel_size > available:
-        raise ModelLoadError(
-            f"--data-parallel-size {settings.data_parallel_size} needs as many GPUs; {available} visible"
-        )
     if settings.data_parallel_size == 1:
         return [base]
-    return [f"cuda:{index}" for index in range(settings.data_parallel_size)]
+    # Ranks start at --device's index: starting at cuda:0 whatever it said put them on GPUs the
+    # operator meant for something else.
+    first = device.index or 0
+    last = first + settings.data_parallel_size - 1
+    if last >= available:
+        given = f"--device {base} with " if device.index is not None else ""
+        raise ModelLoadError(
+            f"{given}--data-parallel-size {settings.data_parallel_size} needs cuda:{first}..cuda:{last}; "
+            f"{available} CUDA devices visible (CUDA_VISIBLE_DEVICES, the pod's GPUs)"
+        )
+    return [f"cuda:{index}" for index in range(first, last + 1)]
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:
@@ -408,13 +415,39 @@ def size_multiple(pipeline: Any) -> int:
 
 
 def default_size(info: ModelInfo, settings: WorkerSettings) -> tuple[int, int]:
-    """--default-size, checked against the model (ModelLoadError), else the model's native size."""
+    """--default-size, checked against the model (ModelLoadError), else the model's native size,
+    which --max-pixels binds too (`native_size_within`)."""
     if not settings.default_size:
-        return info.default_size
+        return native_size_within(info, settings.max_pixels)
     try:
         return info.size_from(settings.default_size, settings.max_pixels)
     except APIError as exc:
         raise ModelLoadError(f"--default-size: {exc.message}") from exc
+
+
+def native_size_within(info: ModelInfo, max_pixels: int) -> tuple[int, int]:
+    """The model's native size, when it has at most `max_pixels` pixels; ModelLoadError otherwise.
+
+    Above it, every request without `size` was made at a size no request could ask for by name.
+    Start-up stops rather than shrinking it unasked: a model drawn below its native size draws
+    worse, and the operator who lowered --max-pixels should choose the size (the error names one).
+    """
+    width, height = info.default_size
+    if width * height <= max_pixels:
+        return width, height
+    fit = largest_size_within(info.default_size, max_pixels, info.size_multiple)
+    raise ModelLoadError(
+        f"the model's native size {width}x{height} ({width * height} pixels) is above --max-pixels "
+        f"{max_pixels}; set --default-size to a size within it (e.g. {fit[0]}x{fit[1]}, the same shape) "
+        "or raise --max-pixels"
+    )
+
+
+def largest_size_within(size: tuple[int, int], max_pixels: int, multiple: int) -> tuple[int, int]:
+    """`size` scaled down to at most `max_pixels` pixels, both sides rounded down to `multiple`."""
+    scale = math.sqrt(max_pixels / (size[0] * size[1]))
+    width, height = (max(multiple, math.floor(side * scale / multiple) * multiple) for side in size)
+    return width, height
 
 
 def scheduler_step_limit(scheduler: Any) -> int | None:

@@ -14,6 +14,12 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 T = TypeVar("T")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# Libraries that log through a handler of their own unless told otherwise (their logging API).
+HUB_LIBRARIES = ("diffusers", "transformers")
+# Every diffusers pipeline's warning when a prompt is longer than its text encoder takes ("The
+# following part of your input was truncated because CLIP can only handle ...: [<the rest>]").
+PROMPT_CUT_MARKER = "input was truncated"
+PROMPT_CUT_NOTICE = "a prompt was cut to the text encoder's length (the part cut off is not logged)"
 
 
 class RequestIdFilter(logging.Filter):
@@ -21,6 +27,16 @@ class RequestIdFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        return True
+
+
+class PromptTextFilter(logging.Filter):
+    """Keeps prompts out of the log: the library warning that quotes the cut-off end of one (user
+    text, as private as the rest of it) becomes a notice that says only that it happened."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".")[0] in HUB_LIBRARIES and PROMPT_CUT_MARKER in str(record.msg):
+            record.msg, record.args = PROMPT_CUT_NOTICE, ()
         return True
 
 
@@ -32,16 +48,34 @@ def in_pool_with_request_id(pool: Executor, function: Callable[..., T], *args: A
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr with the request id; uvicorn's loggers go through the same handler."""
+    """Log to stderr with the request id at `level`; uvicorn's, diffusers' and transformers' loggers
+    go through the same handler (the level is the handler's: a library logger's own level would
+    otherwise let its warnings through under --log-level error)."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(PromptTextFilter())
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(level.upper())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    route_hub_library_logs()
+
+
+def route_hub_library_logs() -> None:
+    """diffusers and transformers print through a stderr handler of their own, in their own format
+    and whatever --log-level says (a long prompt's cut-off end included). Their logging API drops
+    it and has them propagate to the worker's handler. They are imported here: each adds that
+    handler when first imported, undoing any set-up of its logger made before."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.disable_default_handler()
+        library.enable_propagation()
 
 
 def describe_error(error: BaseException) -> str:

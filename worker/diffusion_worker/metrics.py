@@ -9,6 +9,20 @@ from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 ENCODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# Every `reason` each labelled counter is incremented with (tests/unit/worker/test_metrics.py checks
+# the code uses no other). Their series exist at 0 from the start: one born at its first increment
+# starts at 1, and increase() or rate() over it see no change, so an alert missed the first of each.
+FAILURE_REASONS = (
+    "out_of_memory",
+    "pipeline_error",
+    "moderation_blocked",
+    "storage",
+    "internal_error",
+    "shutdown",
+    "device_failed",
+)
+REJECTION_REASONS = ("queue_full", "shutting_down", "device_failed")
+CANCELLATION_REASONS = ("client_disconnected", "timeout")
 
 
 class WorkerMetrics:
@@ -59,16 +73,18 @@ class WorkerMetrics:
         )
         self.rejected = Counter(
             "diffusion_worker_rejected_requests",
-            "Requests refused before generation, by reason.",
+            "Requests refused before generation, by reason (queue_full, shutting_down, device_failed).",
             ["reason"],
             registry=self.registry,
         )
+        with_series(self.rejected, REJECTION_REASONS)
         self.cancelled = Counter(
             "diffusion_worker_cancelled_requests",
             "Accepted requests whose work was dropped, by reason (client_disconnected, timeout).",
             ["reason"],
             registry=self.registry,
         )
+        with_series(self.cancelled, CANCELLATION_REASONS)
         self.out_of_memory_splits = Counter(
             "diffusion_worker_out_of_memory_splits",
             "Batches that ran out of device memory and were retried as two smaller batches.",
@@ -94,6 +110,7 @@ class WorkerMetrics:
             ["reason"],
             registry=self.registry,
         )
+        with_series(self.failed, FAILURE_REASONS)
 
         self.engines_in_rotation = Gauge(
             "diffusion_worker_engines_in_rotation",
@@ -107,6 +124,12 @@ class WorkerMetrics:
         cuda = sorted({device for device in devices if device.startswith("cuda")})
         if cuda:
             self.registry.register(DeviceMemoryCollector(cuda))
+
+
+def with_series(counter: Counter, reasons: tuple[str, ...]) -> None:
+    """Create `counter`'s series for each of `reasons`, at 0."""
+    for reason in reasons:
+        counter.labels(reason=reason)
 
 
 class DeviceMemoryCollector:

@@ -6,12 +6,14 @@ import re
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from diffusion_worker.errors import invalid_param
 
 MAX_SEED = 2**62
-SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MAX_GUIDANCE_SCALE = 100
+# ASCII digits only (`\d` takes any Unicode digit, which int() reads); used with fullmatch.
+SIZE_PATTERN = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 ResponseFormat = Literal["url", "b64_json"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -43,16 +45,19 @@ def unicode_text(value: Any) -> Any:
 
 
 class NvExt(BaseModel):
-    """NVIDIA-style extension fields; unknown ones are rejected so typos do not pass silently."""
+    """NVIDIA-style extension fields; unknown ones are rejected so typos do not pass silently.
+    Numbers are strict (JSON numbers only, see ImageGenerationRequest)."""
 
     model_config = ConfigDict(extra="forbid")
 
     negative_prompt: str | None = Field(None, description="What the image should not show.")
-    num_inference_steps: int | None = Field(
+    num_inference_steps: StrictInt | None = Field(
         None, ge=1, description="Denoising steps; capped by the server's --max-inference-steps."
     )
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="Classifier-free guidance scale.")
-    seed: int | None = Field(
+    guidance_scale: StrictFloat | None = Field(
+        None, ge=0, le=MAX_GUIDANCE_SCALE, description="Classifier-free guidance scale."
+    )
+    seed: StrictInt | None = Field(
         None,
         ge=0,
         le=MAX_SEED,
@@ -64,13 +69,16 @@ class NvExt(BaseModel):
 
 
 class ImageGenerationRequest(BaseModel):
-    """Body of `POST /v1/images/generations`. Unknown top-level fields are ignored with a warning."""
+    """Body of `POST /v1/images/generations`. Unknown top-level fields are ignored with a warning.
+
+    Integers are strict: lax parsing read "2", true and 2.0 as 2, so a client that sends the wrong
+    type got a request it did not mean instead of a 400 (the openai client sends JSON integers)."""
 
     model_config = ConfigDict(extra="allow")
 
     prompt: str = Field(..., description="What to draw.")
     model: str | None = Field(None, description="Must equal the served model name when given.")
-    n: int | None = Field(1, ge=1, description="Number of images.")
+    n: StrictInt | None = Field(1, ge=1, description="Number of images.")
     size: str | None = Field(
         None, description="WIDTHxHEIGHT (multiples of 8, or of 16 or 32 where the model needs it) or `auto`."
     )
@@ -79,7 +87,7 @@ class ImageGenerationRequest(BaseModel):
     )
     response_format: ResponseFormat | None = Field(None, description="`url` (default) or `b64_json`.")
     output_format: OutputFormat | None = Field(None, description="png (default), jpeg or webp.")
-    output_compression: int | None = Field(
+    output_compression: StrictInt | None = Field(
         None, ge=0, le=100, description="jpeg/webp quality 0-100 (default 100); ignored for png."
     )
     style: Style | None = Field(None, description="Accepted; has no effect on diffusion models.")
@@ -96,7 +104,7 @@ class ImageGenerationRequest(BaseModel):
     # Strict: lax parsing would read "yes", "off" or 1 as a boolean, and a client that means
     # something else by them would get the wrong kind of answer (OpenAI refuses them too).
     stream: StrictBool | None = Field(None, description="Answer with server-sent events (b64_json only).")
-    partial_images: int | None = Field(
+    partial_images: StrictInt | None = Field(
         None, ge=0, le=MAX_PARTIAL_IMAGES, description="Previews per image while streaming (0-3)."
     )
     # Known OpenAI fields this server cannot honour: refused by name rather than ignored.
@@ -167,8 +175,9 @@ def parse_size(
     value: str, *, max_pixels: int, multiple: int = 8, model: str | None = None
 ) -> tuple[int, int]:
     """`WIDTHxHEIGHT` -> (width, height), both positive multiples of `multiple` (what `model`, a
-    pipeline class, needs) within `max_pixels`."""
-    match = SIZE_PATTERN.match(value.strip())
+    pipeline class, needs) within `max_pixels`. Surrounding spaces are let through; any other
+    character, a newline or a tab included, is refused."""
+    match = SIZE_PATTERN.fullmatch(value.strip(" "))
     if not match:
         raise invalid_param("size", f"`size` must be WIDTHxHEIGHT (e.g. 1024x1024) or 'auto', got {value!r}")
     width, height = int(match.group(1)), int(match.group(2))

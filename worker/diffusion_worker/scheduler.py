@@ -171,6 +171,9 @@ class Scheduler:
         self._pending: deque[_Job] = deque()
         self._condition = threading.Condition()
         self._admitted = 0
+        # Read at each scrape: set() calls made after the lock was released could land out of order
+        # (the loop's and an engine thread's) and leave an idle worker reporting images queued.
+        self.metrics.queue_depth.set_function(lambda: self._admitted)
         self._closed = False
         self._threads = [
             threading.Thread(target=self._run, args=(slot,), name=slot.name, daemon=True)
@@ -268,7 +271,6 @@ class Scheduler:
             # Every waiter, not one: a thread filling its batch (--batch-wait-ms) may take the
             # wakeup, find the job does not fit its batch and leave it, while an idle engine sleeps on.
             self._condition.notify_all()
-        self.metrics.queue_depth.set(self._admitted)
         return job
 
     async def wait(self, job: _Job) -> list[Any]:
@@ -285,8 +287,6 @@ class Scheduler:
             with self._condition:
                 job.released = True
                 self._admitted -= len(job.batch) - job.running
-                admitted = self._admitted
-            self.metrics.queue_depth.set(admitted)
 
     def _cancel(self, job: _Job) -> None:
         with self._condition:
@@ -407,9 +407,6 @@ class Scheduler:
                 if piece.job.released:
                     freed += count
             self._admitted -= freed
-            admitted = self._admitted
-        if freed:
-            self.metrics.queue_depth.set(admitted)
 
     def _attempt(self, slot: _EngineSlot, slices: list[_Slice]) -> None:
         """One pipeline call for `slices`. Out of memory with more than one image: two smaller calls.

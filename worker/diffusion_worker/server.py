@@ -11,10 +11,11 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from diffusion_worker.app import build_app
+from diffusion_worker.app import build_app, image_store
 from diffusion_worker.engine import ModelLoadError, load_engines
 from diffusion_worker.logs import configure_logging
 from diffusion_worker.settings import WorkerSettings
+from diffusion_worker.storage import check_at_start
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,14 @@ def serve(settings: WorkerSettings) -> int:
 
     The model is loaded before the port opens so that a bad --model ends the process with one
     clear line and status 1; the app's lifespan then owns (and releases) the loaded pipelines.
+    Storage is checked before that (minutes of loading are not spent on a worker whose images
+    could never be stored).
     """
     configure_logging(settings.log_level)
+    problem = check_at_start(lambda: image_store(settings), settings.storage_timeout)
+    if problem is not None:
+        log.error("cannot start: --storage-url %s: %s", settings.storage_url, problem)
+        return 1
     try:
         engines = load_engines(settings)
     except ModelLoadError as exc:

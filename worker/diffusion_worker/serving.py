@@ -99,6 +99,10 @@ class RequestDefaults:
             for quality, factor in QUALITY_STEP_FACTORS.items()
         }
         for quality, count in (settings.quality_steps or {}).items():
+            if count > cap:  # said aloud: a lowered level may now run as many steps as a higher one
+                log.warning(
+                    "--quality-steps %s: %d exceeds %s (%d); using %d", quality, count, source, cap, cap
+                )
             quality_steps[quality] = min(cap, count)
         return cls(
             size=size or info.default_size,

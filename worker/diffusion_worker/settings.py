@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "DIFFUSION_WORKER_"
+# Storage schemes whose images the worker can hand out URLs for without --public-base-url.
+URL_SCHEMES = frozenset({"file", "local", "s3", "s3a", "gs", "gcs"})
 DEFAULT_MODEL = "builtin:shapes"
 Dtype = Literal["auto", "float16", "bfloat16", "float32"]
 
@@ -38,7 +40,8 @@ def default_storage_url() -> str:
 class WorkerSettings(BaseSettings):
     """Everything the worker can be told at start-up."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # allow_inf_nan=False: `--drain-timeout inf` passed and crashed the worker after the model loaded.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, allow_inf_nan=False)
 
     # --- model ---
     model: str = Field(
@@ -111,7 +114,8 @@ class WorkerSettings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     api_key: SecretStr | None = Field(
         None,
-        description="When set, /v1/* requests must send `Authorization: Bearer <key>`. Prefer the env "
+        description="When set, /v1/* requests must send `Authorization: Bearer <key>`. Surrounding "
+        "whitespace is dropped; an empty key stops start-up (unset it to disable auth). Prefer the env "
         "var DIFFUSION_WORKER_API_KEY to a flag: flags show in process lists.",
     )
     api_key_scope: Literal["api", "api+metrics", "all"] = Field(
@@ -131,6 +135,11 @@ class WorkerSettings(BaseSettings):
     public_base_url: str | None = Field(
         None,
         description="Base URL that maps to --storage-url for clients (e.g. a CDN); image URL = base + path.",
+    )
+    presign_endpoint_url: str | None = Field(
+        None,
+        description="s3:// only: the S3 endpoint clients reach, when the worker writes through another "
+        "(AWS_ENDPOINT_URL: an in-cluster MinIO's Service); presigned URLs are signed for this host.",
     )
     url_expiry_seconds: int = Field(
         3600,
@@ -216,8 +225,8 @@ class WorkerSettings(BaseSettings):
     default_guidance_scale: float | None = Field(
         None,
         ge=0,
-        description="Guidance scale when a request gives none. Default: the model directory's "
-        "worker_defaults.json, else the pipeline's own default.",
+        description="Guidance scale when a request gives none, at most 100 (as a request's). Default: "
+        "the model directory's worker_defaults.json, else the pipeline's own default.",
     )
     default_size: str | None = Field(
         None,
@@ -259,7 +268,23 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 f"storage_url must be a URL such as file:///data or s3://bucket/prefix, got {value!r}"
             )
-        return value.rstrip("/")
+        scheme, rest = value.split("://", 1)
+        return f"{scheme.lower()}://{rest}".rstrip("/")
+
+    @model_validator(mode="after")
+    def _storage_url_clients_can_fetch(self) -> WorkerSettings:
+        """Only file://, s3:// and gs:// images get a URL a client can fetch (the worker's own
+        route, or a presigned one); another fsspec scheme needs --public-base-url to map it."""
+        scheme = self.storage_url.split("://", 1)[0]
+        if scheme not in URL_SCHEMES and self.public_base_url is None:
+            raise ValueError(
+                f"--storage-url {self.storage_url!r}: the worker can hand out URLs for "
+                f"{', '.join(f'{s}://' for s in sorted(URL_SCHEMES))} only; with another scheme set "
+                "--public-base-url to where clients fetch what is stored there"
+            )
+        if self.presign_endpoint_url is not None and scheme not in ("s3", "s3a"):
+            raise ValueError(f"--presign-endpoint-url is for s3:// storage, not {scheme}://")
+        return self
 
     @field_validator("quality_steps", mode="before")
     @classmethod
@@ -285,6 +310,28 @@ class WorkerSettings(BaseSettings):
                 )
             if steps < 1:
                 raise ValueError(f"quality_steps: {quality} must be at least 1 step, got {steps}")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        """Clients strip the token they send, so a key read from a file with its final newline
+        (`kubectl create secret --from-file`) could never match; an empty key was a falsy SecretStr
+        that turned auth off without a word, though a Secret was meant to turn it on."""
+        if value is None:
+            return None
+        key = value.get_secret_value().strip()
+        if not key:
+            raise ValueError("api_key is empty or only whitespace; unset it to disable auth")
+        return SecretStr(key)
+
+    @field_validator("default_guidance_scale")
+    @classmethod
+    def _default_guidance_within_request_cap(cls, value: float | None) -> float | None:
+        from diffusion_worker.protocol import MAX_GUIDANCE_SCALE
+
+        if value is not None and value > MAX_GUIDANCE_SCALE:
+            raise ValueError(f"must be at most {MAX_GUIDANCE_SCALE}, as nvext.guidance_scale in a request")
         return value
 
     @property

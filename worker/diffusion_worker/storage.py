@@ -9,11 +9,13 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from diffusion_worker.fs_options import open_url
 from diffusion_worker.logs import describe_error, in_pool_with_request_id
 
 log = logging.getLogger(__name__)
@@ -21,7 +23,8 @@ log = logging.getLogger(__name__)
 ANONYMOUS = "anonymous"
 MAX_USER_LENGTH = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-PRESIGNING_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
+GCS_PROTOCOLS = {"gs", "gcs"}
+PRESIGNING_PROTOCOLS = {"s3", "s3a", *GCS_PROTOCOLS}
 # Requests whose images are written at once; more wait for a thread (their wait counts towards
 # --storage-timeout). Its own pool: a black-holed endpoint holds these threads, never encoding's.
 UPLOAD_THREADS = 8
@@ -78,6 +81,83 @@ def _mtime(path: Path) -> float:
         return float("inf")
 
 
+# Errors of a store that is down or out of reach now (it may be back by the first request), by
+# class name: botocore's and aiohttp's are not ConnectionErrors.
+UNREACHABLE_ERRORS = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerDisconnectedError", "ServerTimeoutError", "TransportError",
+}  # fmt: skip
+
+
+def _unreachable(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, ConnectionError | TimeoutError) or type(exc).__name__ in UNREACHABLE_ERRORS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def check_at_start(make_store: Callable[[], ImageStore], timeout: float) -> str | None:
+    """Why the worker cannot store images, or None. A store it cannot set up or may not write
+    (unknown scheme, no credentials, a wrong key, no such bucket) is a reason not to start; one
+    out of reach now, or not answering within `timeout`, is only logged: it may be back by the
+    first request, and b64_json requests never need it."""
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            store = make_store()
+            try:
+                store.check()
+            finally:
+                store.close()
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    # A daemon thread: a black-holed endpoint must not hold the process at exit.
+    checker = threading.Thread(target=attempt, name="storage-check", daemon=True)
+    checker.start()
+    checker.join(timeout)
+    if not outcome:
+        log.warning("storage did not answer a write check within %.0f s; serving anyway", timeout)
+        return None
+    error = outcome[0]
+    if error is None:
+        return None
+    if _unreachable(error):
+        log.warning("storage is out of reach now (%s); serving anyway", describe_error(error))
+        return None
+    return str(error) if isinstance(error, StorageError) else describe_error(error)
+
+
+def gcs_signed_url(fs: Any, path: str, expiration: int) -> str:
+    """A V4 signed URL for a gs:// object. Credentials with a private key (a service account key
+    file) sign locally. Those without one, GKE Workload Identity's and other metadata-server or
+    impersonated credentials, sign through the IAM Credentials API as their service account (it
+    needs roles/iam.serviceAccountTokenCreator on itself). User credentials (gcloud auth
+    application-default login) name no service account and cannot sign: the error says so."""
+    credentials = fs.credentials.credentials
+    if hasattr(credentials, "sign_bytes") and getattr(credentials, "signer", None) is not None:
+        return str(fs.sign(path, expiration=expiration, version="v4"))
+    import google.auth.transport.requests
+
+    if not credentials.valid:
+        credentials.refresh(google.auth.transport.requests.Request())
+    email = getattr(credentials, "service_account_email", None)
+    if not email or email == "default":
+        raise StorageError(
+            f"the Google credentials in use ({type(credentials).__name__}) name no service account, so "
+            "they cannot sign URLs: use a service account (workload identity or a key file), or set "
+            "--public-base-url"
+        )
+    signed = fs.sign(
+        path, expiration=expiration, version="v4", service_account_email=email, access_token=credentials.token
+    )
+    return str(signed)
+
+
 def sanitize_user(user: str | None) -> str:
     """A single safe path segment for `user`: no separators, no dot-only names, bounded length."""
     if not user:
@@ -101,15 +181,22 @@ class ImageStore:
         public_base_url: str | None,
         url_expiry_seconds: int,
         remove_expired: bool = False,
+        presign_endpoint_url: str | None = None,
     ) -> None:
         """`remove_expired`: the files are the worker's own (its default local storage), so each is
-        removed once its URL has expired (`expire_periodically`) and the disk does not fill up."""
-        import fsspec
-
+        removed once its URL has expired (`expire_periodically`) and the disk does not fill up.
+        `presign_endpoint_url`: the S3 endpoint clients reach, when the worker writes through
+        another (an in-cluster MinIO's Service); presigned URLs are signed for that host."""
         self.storage_url = storage_url
-        self.fs, self.root = fsspec.core.url_to_fs(storage_url)
+        # Filesystems of its own: one cached earlier in the process may hold another endpoint.
+        self.fs, self.root = open_url(storage_url, skip_instance_cache=True)
         self.root = self.root.rstrip("/")
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self._presign_fs: Any = None
+        if presign_endpoint_url:
+            self._presign_fs, _ = open_url(
+                storage_url, endpoint_url=presign_endpoint_url, skip_instance_cache=True
+            )
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.url_expiry_seconds = url_expiry_seconds
         self.removes_expired = remove_expired and self.serves_files
@@ -209,7 +296,7 @@ class ImageStore:
             return f"{self.public_base_url}/{key}"
         if self.protocol in PRESIGNING_PROTOCOLS:
             try:
-                return str(self.fs.sign(self._path(key), expiration=self.url_expiry_seconds))
+                return self._presign(self._path(key))
             except Exception as exc:
                 raise StorageError(
                     f"could not presign a URL under {self.storage_url}: {describe_error(exc)}"
@@ -217,6 +304,21 @@ class ImageStore:
         if self.serves_files:
             return f"{request_base_url.rstrip('/')}/v1/images/files/{key}"
         return f"{self.storage_url}/{key}"
+
+    def _presign(self, path: str) -> str:
+        signer = self._presign_fs or self.fs
+        if self.protocol in GCS_PROTOCOLS:
+            return gcs_signed_url(signer, path, self.url_expiry_seconds)
+        return str(signer.sign(path, expiration=self.url_expiry_seconds))
+
+    def check(self) -> None:
+        """Write, presign and remove a small object, as a request's upload would; StorageError if
+        any of it fails. Run at start-up, so wrong credentials or a bucket the worker may not write
+        stop the worker before it loads a model, instead of failing every url request after its
+        images were made."""
+        key = f".write-check/{uuid.uuid4().hex}"
+        self.write_and_sign([(key, b"image-diffusion-operator write check\n", "text/plain")], "http://check/")
+        self._remove([self._path(key)])
 
     def local_file(self, key: str) -> Path | None:
         """The regular file for `key` inside the storage root; None for traversal or links out."""

@@ -251,6 +251,39 @@ def test_malformed_json_unknown_route_and_wrong_method_are_openai_errors(worker_
     assert cases[-1][0].headers["allow"] == "POST", "a 405 says which methods the route takes"
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_json_body_sent_as_another_content_type_is_told_to_send_application_json(
+    worker_url: str, content_type: str | None
+) -> None:
+    """Before, a valid JSON object sent as text/plain, as curl -d sends it (form-urlencoded) or with
+    no Content-Type (FastAPI parses only JSON types) got "The request body must be a JSON object",
+    which it was."""
+    response = httpx.post(
+        f"{worker_url}/v1/images/generations",
+        content=b'{"prompt": "p", "response_format": "b64_json"}',
+        headers={"Content-Type": content_type} if content_type else {},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_json", None)
+    assert "Content-Type: application/json" in error["message"]
+    assert (repr(content_type) if content_type else "no Content-Type") in error["message"]
+
+
+def test_json_nested_too_deeply_to_parse_is_invalid_json(worker_url: str) -> None:
+    """Before, the parser's RecursionError surfaced as code `http_error`, which the README's error
+    table does not list."""
+    depth = 100_000
+    body = b'{"prompt": "p", "nvext": {"annotations": ' + b"[" * depth + b"]" * depth + b"}}"
+    response = httpx.post(
+        f"{worker_url}/v1/images/generations", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_json")
+    assert httpx.get(f"{worker_url}/health").status_code == 200
+
+
 def test_oversized_body_gets_413(worker_url: str) -> None:
     response = httpx.post(
         f"{worker_url}/v1/images/generations",

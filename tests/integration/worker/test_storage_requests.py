@@ -71,6 +71,10 @@ class GatedMemoryFileSystem(MemoryFileSystem):
         cls.entered = cls.finished = 0
 
 
+# A scheme the worker cannot hand out URLs for needs a public base URL to map it.
+CDN = "https://images.example.com"
+
+
 class UnsignableMemoryFileSystem(MemoryFileSystem):
     """In-memory storage that calls itself s3 (so the worker presigns URLs) and cannot presign."""
 
@@ -80,14 +84,13 @@ class UnsignableMemoryFileSystem(MemoryFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> Any:
-        return super()._strip_protocol(str(path).removeprefix("unsignable://"))
+        return super()._strip_protocol(str(path).removeprefix("s3://"))
 
     def sign(self, path: str, expiration: int = 100, **kwargs: Any) -> str:
         raise PermissionError("InvalidAccessKeyId: key AKIASECRETKEYID is not valid for bucket secret-bucket")
 
 
 fsspec.register_implementation("gatedmem", GatedMemoryFileSystem, clobber=True)
-fsspec.register_implementation("unsignable", UnsignableMemoryFileSystem, clobber=True)
 
 
 @pytest.fixture
@@ -107,7 +110,7 @@ def test_b64_json_request_does_not_wait_for_stuck_uploads(
 ) -> None:
     """With more url requests stuck in storage than any thread pool has threads, a b64_json request
     (which never touches storage) still completes while every upload is still held at the gate."""
-    url = start_worker(storage_url="gatedmem://bucket/prefix", storage_timeout=300)
+    url = start_worker(storage_url="gatedmem://bucket/prefix", storage_timeout=300, public_base_url=CDN)
     stuck = max(DEFAULT_EXECUTOR_THREADS, UPLOAD_THREADS) + 2
     with ThreadPoolExecutor(stuck) as pool:
         uploads = [pool.submit(post, url, BODY) for _ in range(stuck)]
@@ -123,7 +126,7 @@ def test_b64_json_request_does_not_wait_for_stuck_uploads(
 def test_stuck_upload_gets_502_after_the_storage_timeout_and_leaves_nothing(
     start_worker: WorkerFactory, gated_storage: type[GatedMemoryFileSystem]
 ) -> None:
-    url = start_worker(storage_url="gatedmem://bucket/prefix", storage_timeout=1)
+    url = start_worker(storage_url="gatedmem://bucket/prefix", storage_timeout=1, public_base_url=CDN)
     failed = post(url, {**BODY, "n": 2})
     assert failed.status_code == 502
     error = failed.json()["error"]
@@ -140,11 +143,22 @@ def test_stuck_upload_gets_502_after_the_storage_timeout_and_leaves_nothing(
     assert post(url, {**BODY, "response_format": "b64_json"}).status_code == 200
 
 
-def test_failed_presign_removes_the_images_and_keeps_storage_details_out_of_the_body(
-    start_worker: WorkerFactory, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+def unsignable_s3(monkeypatch: pytest.MonkeyPatch) -> type[UnsignableMemoryFileSystem]:
+    """s3:// served by UnsignableMemoryFileSystem for one test (fsspec's registry, restored after)."""
+    from fsspec.registry import _registry
+
+    monkeypatch.setitem(_registry, "s3", UnsignableMemoryFileSystem)
     UnsignableMemoryFileSystem.store.clear()
-    url = start_worker(storage_url="unsignable://secret-bucket/secret-prefix")
+    return UnsignableMemoryFileSystem
+
+
+def test_failed_presign_removes_the_images_and_keeps_storage_details_out_of_the_body(
+    start_worker: WorkerFactory,
+    caplog: pytest.LogCaptureFixture,
+    unsignable_s3: type[UnsignableMemoryFileSystem],
+) -> None:
+    url = start_worker(storage_url="s3://secret-bucket/secret-prefix")
     failed = post(url, {**BODY, "n": 2})
     assert failed.status_code == 502
     error = failed.json()["error"]

@@ -361,5 +361,5 @@ def test_a_preview_that_fails_to_decode_costs_the_stream_only_its_previews(
     events = stream_events(client, partial_images=2, extra_body={"nvext": {"num_inference_steps": 4}})
     assert [event.type for event in events] == ["image_generation.completed"]
     metrics = httpx.get(f"{url}/metrics").text
-    assert 'diffusion_worker_failed_requests_total{reason="pipeline_error"}' not in metrics
+    assert 'diffusion_worker_failed_requests_total{reason="pipeline_error"} 0.0' in metrics
     assert "diffusion_worker_out_of_memory_splits_total 0.0" in metrics

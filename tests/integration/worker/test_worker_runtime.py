@@ -68,6 +68,15 @@ def test_api_key_scope_decides_whether_probes_and_metrics_need_the_key(
         assert httpx.get(f"{url}{path}", headers=key).status_code == 200, path
 
 
+def test_a_key_read_with_its_final_newline_still_matches(start_worker: WorkerFactory) -> None:
+    """A Secret made with `kubectl create secret --from-file` ends in a newline; before, the key kept
+    it and no client could match it (the token a client sends is stripped)."""
+    url = start_worker(api_key="abc\n", api_key_scope="all")
+    for path in ("/v1/models", "/health"):
+        assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer abc"}).status_code == 200, path
+        assert httpx.get(f"{url}{path}", headers={"Authorization": "Bearer abd"}).status_code == 401, path
+
+
 def test_url_with_s3_storage_on_a_real_seaweedfs_server(
     start_worker: WorkerFactory, seaweedfs: S3Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:

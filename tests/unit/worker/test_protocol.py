@@ -93,3 +93,47 @@ def test_parse_size_names_the_multiple_a_model_needs() -> None:
     with pytest.raises(APIError) as caught:
         parse_size("72x72", max_pixels=2048 * 2048, multiple=16, model="FluxPipeline")
     assert caught.value.param == "size" and "multiples of 16 for FluxPipeline" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [
+        ({"n": "2"}, ("n",)),
+        ({"n": True}, ("n",)),
+        ({"n": 2.0}, ("n",)),
+        ({"output_compression": "80"}, ("output_compression",)),
+        ({"partial_images": True}, ("partial_images",)),
+        ({"nvext": {"seed": True}}, ("nvext", "seed")),
+        ({"nvext": {"seed": "7"}}, ("nvext", "seed")),
+        ({"nvext": {"num_inference_steps": "4"}}, ("nvext", "num_inference_steps")),
+        ({"nvext": {"guidance_scale": "7.5"}}, ("nvext", "guidance_scale")),
+        ({"nvext": {"guidance_scale": True}}, ("nvext", "guidance_scale")),
+    ],
+)
+def test_counts_and_seeds_take_only_json_numbers(fields: dict[str, object], loc: tuple[str, ...]) -> None:
+    """Before, lax parsing read "2", true and 2.0 as integers: a client bug passed as a request."""
+    with pytest.raises(ValidationError) as caught:
+        ImageGenerationRequest.model_validate({"prompt": "p", **fields})
+    assert caught.value.errors()[0]["loc"] == loc
+
+
+def test_json_numbers_as_the_openai_client_sends_them_are_accepted() -> None:
+    request = ImageGenerationRequest.model_validate_json(
+        '{"prompt": "p", "n": 2, "output_compression": 80, "partial_images": 1,'
+        ' "nvext": {"seed": 7, "num_inference_steps": 4, "guidance_scale": 7}}'
+    )
+    assert (request.n, request.output_compression, request.partial_images) == (2, 80, 1)
+    nvext = request.nvext
+    assert nvext is not None
+    assert (nvext.seed, nvext.num_inference_steps, nvext.guidance_scale) == (7, 4, 7.0)
+
+
+# Arabic-Indic and fullwidth "64x64", then ASCII with a newline or a tab around it.
+@pytest.mark.parametrize(
+    "text", ["\u0666\u0664x\u0666\u0664", "\uff16\uff14x\uff16\uff14", "64x64\n", "64x64\n\n", "\t64x64"]
+)
+def test_parse_size_takes_only_ascii_digits_and_nothing_after(text: str) -> None:
+    """`\\d` matched any Unicode digit (int() reads them) and `$` matched before a final newline."""
+    with pytest.raises(APIError) as caught:
+        parse_size(text, max_pixels=2048 * 2048)
+    assert caught.value.param == "size" and "WIDTHxHEIGHT" in caught.value.message

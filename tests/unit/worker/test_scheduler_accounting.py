@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -89,3 +90,80 @@ def test_a_finished_request_gives_back_every_image() -> None:
         scheduler.close()
     assert results == [[None, None]] * 2
     assert scheduler.images_admitted == 0
+
+
+QUEUE_GAUGE = "diffusion_worker_queue_images"
+
+
+async def until_idle(scheduler: Scheduler) -> None:
+    """Wait (5 s at most) until the scheduler holds no admitted image."""
+    for _ in range(500):
+        if scheduler.images_admitted == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_the_queue_gauge_is_not_left_stale_by_an_update_that_lands_late() -> None:
+    """Before, each thread set the gauge after releasing the scheduler's lock, so an update computed
+    first could land last: an idle worker reported images queued, and /ready-based dashboards and
+    alerts saw a queue that was not there. Here the waiter's update (2: its images still running)
+    is held back until the batch has ended and the engine thread has set 0, as a preempted thread's
+    would be."""
+    engine = GatedEngine()
+    metrics = WorkerMetrics()
+    scheduler = Scheduler(list[Engine]([engine]), max_queue=2, max_batch_size=2, metrics=metrics)
+    cancelling = threading.Event()
+    prompt_set = metrics.queue_depth.set
+
+    def late_set(value: float) -> None:
+        if cancelling.is_set() and threading.current_thread() is threading.main_thread():
+            engine.gate.set()
+            for _ in range(500):
+                if scheduler.images_admitted == 0:
+                    break
+                time.sleep(0.01)
+        prompt_set(value)
+
+    metrics.queue_depth.set = late_set  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        waiter = asyncio.ensure_future(scheduler.generate(images(2), "given-up"))
+        assert await asyncio.to_thread(engine.entered.wait, 10), "the batch never started"
+        cancelling.set()
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        engine.gate.set()
+        await until_idle(scheduler)
+
+    scheduler.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.gate.set()
+        scheduler.close()
+    assert scheduler.images_admitted == 0
+    assert metrics.registry.get_sample_value(QUEUE_GAUGE) == 0
+
+
+def test_after_a_burst_of_finished_and_cancelled_requests_the_gauge_reads_what_the_scheduler_holds() -> None:
+    engine = GatedEngine()
+    engine.gate.set()
+    metrics = WorkerMetrics()
+    scheduler = Scheduler(list[Engine]([engine]), max_queue=64, max_batch_size=3, metrics=metrics)
+
+    async def scenario() -> None:
+        waiters = [asyncio.ensure_future(scheduler.generate(images(1 + i % 3), f"r{i}")) for i in range(24)]
+        await asyncio.sleep(0)
+        for waiter in waiters[::3]:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await until_idle(scheduler)
+
+    scheduler.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert scheduler.images_admitted == 0
+    assert metrics.registry.get_sample_value(QUEUE_GAUGE) == 0

@@ -179,3 +179,17 @@ def test_the_reported_quality_is_the_level_that_runs_the_same_steps(tmp_path: Pa
     batch = svc.build_batch(request())
     assert batch.num_inference_steps == 20
     assert svc._echo(request(), batch)["quality"] == "medium"
+
+
+def test_quality_steps_above_the_cap_are_lowered_with_a_warning_naming_quality_and_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, `{"low": 80}` under a cap of 50 became 50 without a word: `low` then ran more steps
+    than `medium` (25), and nothing said why."""
+    settings = WorkerSettings(model="m", quality_steps={"low": 80, "high": 40})
+    with caplog.at_level("WARNING", logger="diffusion_worker.serving"):
+        defaults = RequestDefaults.resolve(settings, INFO)
+    assert defaults.quality_steps["low"] == 50 and defaults.quality_steps["high"] == 40
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "low" in message and "80" in message and "--max-inference-steps (50)" in message

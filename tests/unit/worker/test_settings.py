@@ -152,3 +152,35 @@ def test_a_device_this_machine_lacks_is_a_load_error_naming_the_flag(device: str
         select_devices(WorkerSettings(model="m", device=device))
     assert str(caught.value).startswith(message)
     assert select_devices(WorkerSettings(model="m", device="cpu", data_parallel_size=2)) == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize("key", ["", " ", "\n"])
+def test_an_empty_api_key_is_refused_not_taken_for_no_key(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """Before, DIFFUSION_WORKER_API_KEY="" (an operator-filled Secret left empty) was a falsy
+    SecretStr: auth was silently off, even with --api-key-scope all."""
+    monkeypatch.setenv("DIFFUSION_WORKER_API_KEY", key)
+    with pytest.raises(ValidationError, match="unset it to disable auth"):
+        settings_from_args(["--api-key-scope", "all"])
+
+
+def test_the_api_key_loses_surrounding_whitespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubectl create secret --from-file` keeps the file's final newline; clients never send it."""
+    monkeypatch.setenv("DIFFUSION_WORKER_API_KEY", " abc\n")
+    settings = settings_from_args([])
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "abc"
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e400"])
+@pytest.mark.parametrize("flag", ["--drain-timeout", "--request-timeout", "--storage-timeout"])
+def test_float_settings_must_be_finite(flag: str, value: str) -> None:
+    """Before, --drain-timeout inf passed and the worker crashed after loading the model
+    (OverflowError in math.ceil when it configured uvicorn)."""
+    with pytest.raises(ValidationError, match="finite number"):
+        settings_from_args([flag, value])
+
+
+def test_the_default_guidance_scale_is_capped_like_a_requests() -> None:
+    """Before, --default-guidance-scale 1000 was taken though a request may ask for at most 100."""
+    assert settings_from_args(["--default-guidance-scale", "100"]).default_guidance_scale == 100
+    with pytest.raises(ValidationError, match="at most 100"):
+        settings_from_args(["--default-guidance-scale", "1000"])
