@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -58,13 +59,26 @@ LEARNED_LIMIT_SECONDS = 600.0
 # row, with no success between, is the device (a sticky CUDA error such as an illegal memory access
 # fails every later call in the process) and costs two more calls before the engine stops.
 FAILURES_BEFORE_REMOVAL = 3
+# Room held for a request refused for its size stays held this long after its last try (a client
+# that obeys Retry-After is back well within it; one that gave up frees the room soon after).
+RESERVATION_SECONDS = 10.0
+# Retry-After bounds, and the seconds per image assumed until a batch has been timed.
+MAX_RETRY_AFTER = 60
+INITIAL_SECONDS_PER_IMAGE = 1.0
+# Weight of the newest batch in the running seconds-per-image estimate.
+SECONDS_PER_IMAGE_WEIGHT = 0.2
 
 PartialSink = Callable[[int, int, Any], None]
 """Called on the event loop as sink(image_index, partial_image_index, pil_image)."""
 
 
 class QueueFullError(Exception):
-    """Admitting the work would exceed --max-queue images."""
+    """Admitting the work would exceed --max-queue images; `retry_after` is whole seconds until
+    there is likely room (the backlog over the engines, at the seconds per image seen so far)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SchedulerClosedError(Exception):
@@ -114,6 +128,14 @@ class _Job:
     @property
     def untaken(self) -> int:
         return len(self.batch) - self.taken
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    """Room for `images` held for a request refused for its size, until `until` (time.monotonic())."""
+
+    images: int
+    until: float
 
 
 @dataclass(frozen=True)
@@ -171,6 +193,8 @@ class Scheduler:
         self._pending: deque[_Job] = deque()
         self._condition = threading.Condition()
         self._admitted = 0
+        self._reserved: _Reservation | None = None
+        self._seconds_per_image: float | None = None  # of the batches run so far (a running average)
         # Read at each scrape: set() calls made after the lock was released could land out of order
         # (the loop's and an engine thread's) and leave an idle worker reporting images queued.
         self.metrics.queue_depth.set_function(lambda: self._admitted)
@@ -261,17 +285,61 @@ class Scheduler:
             if not self.engines_in_rotation:
                 self.metrics.rejected.labels(reason="device_failed").inc()
                 raise device_failed_error()
-            if self._admitted + len(batch) > self._max_queue:
-                raise QueueFullError(
-                    f"{self._admitted} images are queued or running and this request adds {len(batch)}; "
-                    f"the limit is {self._max_queue}"
-                )
+            refusal = self._refusal(len(batch))
+            if refusal is not None:
+                raise QueueFullError(refusal, self._retry_after(len(batch)))
+            if self._reserved is not None and len(batch) >= self._reserved.images:
+                self._reserved = None  # the request it was held for (or one as large) is in
             self._admitted += len(batch)
             self._pending.append(job)
             # Every waiter, not one: a thread filling its batch (--batch-wait-ms) may take the
             # wakeup, find the job does not fit its batch and leave it, while an idle engine sleeps on.
             self._condition.notify_all()
         return job
+
+    def _refusal(self, images: int) -> str | None:
+        """Why `images` more cannot be admitted now, or None. Called with the condition held.
+
+        A request too large for the room left is refused, and room is then held for it: smaller
+        requests that would eat into it are refused too, for RESERVATION_SECONDS after its last
+        try. Without that, under steady load the queue never drained far enough for a request of
+        several images, and it was refused (429) for as long as the load lasted.
+        """
+        room = self._max_queue - self._admitted
+        reserved = self._reserved
+        if reserved is not None and time.monotonic() >= reserved.until:
+            self._reserved = reserved = None
+        if images > room:
+            if images > 1:
+                held = max(images, reserved.images if reserved is not None else 0)
+                self._reserved = _Reservation(held, time.monotonic() + RESERVATION_SECONDS)
+            return (
+                f"{self._admitted} images are queued or running and this request adds {images}; "
+                f"the limit is {self._max_queue}"
+            )
+        if reserved is not None and images < reserved.images and images > room - reserved.images:
+            return (
+                f"{self._admitted} images are queued or running; room is held for a request of "
+                f"{reserved.images} images refused before (the limit is {self._max_queue})"
+            )
+        return None
+
+    def _retry_after(self, images: int) -> int:
+        """Seconds until `images` more likely fit: the images over the limit, at the seconds per image
+        an engine has taken so far, spread over the engines in rotation; 1 to MAX_RETRY_AFTER."""
+        excess = self._admitted + images - self._max_queue
+        if self._reserved is not None and images < self._reserved.images:
+            excess += self._reserved.images
+        engines = max(1, self.engines_in_rotation)
+        per_image = self._seconds_per_image or INITIAL_SECONDS_PER_IMAGE
+        estimate = max(1, excess) * per_image / engines
+        return max(1, min(MAX_RETRY_AFTER, math.ceil(estimate)))
+
+    def _note_seconds_per_image(self, seconds: float) -> None:
+        known = self._seconds_per_image
+        self._seconds_per_image = (
+            seconds if known is None else known + SECONDS_PER_IMAGE_WEIGHT * (seconds - known)
+        )
 
     async def wait(self, job: _Job) -> list[Any]:
         """The images of a submitted job, in order. Cancelling the waiter drops the job's work."""
@@ -303,6 +371,7 @@ class Scheduler:
         slices: list[_Slice] = []
         keep: deque[_Job] = deque()
         requeue: list[_Job] = []
+        offered = room
         while self._pending:
             job = self._pending.popleft()
             if job.cancelled:
@@ -317,7 +386,9 @@ class Scheduler:
             job.running += count
             room -= count
             if job.untaken:
-                requeue.append(job)
+                # A job that filled a whole batch goes behind the others (a large n holds them back
+                # by one batch at most); one that got only what room was left keeps its place.
+                (requeue if count == offered else keep).append(job)
         keep.extend(requeue)
         self._pending = keep
         return slices
@@ -339,13 +410,18 @@ class Scheduler:
             key = slices[0].job.batch.compatibility_key
             while size < limit and not self._closed:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._other_work_waits(key):
                     break
                 self._condition.wait(remaining)
                 more = self._take(limit - size, key)
                 slices.extend(more)
                 size += sum(s.stop - s.start for s in more)
             return slices
+
+    def _other_work_waits(self, key: tuple[Any, ...]) -> bool:
+        """Whether work this batch cannot take is queued: the batch wait is for an idle engine, and
+        holding the engine for it then only delays that work. Called with the condition held."""
+        return any(not job.cancelled and job.batch.compatibility_key != key for job in self._pending)
 
     def _batch_limit(self, batch: GenerationBatch) -> int:
         """Most images per batch like `batch`: --max-batch-size, or what running out of memory
@@ -464,7 +540,9 @@ class Scheduler:
             parts = [[piece for piece in slices if piece.job is job] for job in jobs]
         else:
             slot.consecutive_failures = 0
-            self.metrics.generation_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._note_seconds_per_image(elapsed / len(batch))
+            self.metrics.generation_seconds.observe(elapsed)
             self.metrics.images_generated.inc(len(images))
             self._deliver(slices, images)
             return

@@ -30,6 +30,7 @@ from diffusion_worker.storage import ImageStore, StorageError, StoreItem, image_
 
 log = logging.getLogger(__name__)
 
+# Retry-After of a 503 out_of_memory (a 429's comes from the scheduler's backlog estimate).
 RETRY_AFTER_SECONDS = 1
 MAX_LOGGED_NAMES = 10
 MAX_LOGGED_NAME = 64
@@ -327,10 +328,10 @@ class ImageGenerationService:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise APIError(
                 429,
-                f"The server is at capacity ({exc}); retry after {RETRY_AFTER_SECONDS}s",
+                f"The server is at capacity ({exc}); retry after {exc.retry_after}s",
                 type="server_overloaded",
                 code="queue_full",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+                headers={"Retry-After": str(exc.retry_after)},
             ) from exc
         except SchedulerClosedError as exc:
             self.metrics.rejected.labels(reason="shutting_down").inc()

@@ -178,7 +178,9 @@ class HoldingEngine:
 
 def test_new_work_reaches_an_idle_engine_while_another_waits_to_fill_its_batch() -> None:
     """A thread waiting to fill its batch (--batch-wait-ms) must not swallow the wakeup meant for
-    an idle engine when the new job does not fit its batch."""
+    an idle engine when the new job does not fit its batch. The late job then waits only its own
+    batch's 2 s (a swallowed wakeup added the other's 2 s), on either engine: the waiting one stops
+    waiting once work its batch cannot take is queued, and may take it next."""
     release_first, entered = threading.Event(), threading.Event()
     engines = [HoldingEngine(name, {"first": release_first}, entered) for name in ("a", "b")]
     scheduler = Scheduler(
@@ -195,9 +197,13 @@ def test_new_work_reaches_an_idle_engine_while_another_waits_to_fill_its_batch()
         release_first.set()
         await first
         await asyncio.sleep(0.3)  # the busy engine goes back to waiting for work: now it is idle
+        submitted = time.perf_counter()
         late = asyncio.ensure_future(scheduler.generate(batch_of([4], prompt="late", steps=3), "late"))
-        await asyncio.gather(filling, late)
-        assert "late" in busy.prompts, "the idle engine took the job that did not fit the other's batch"
+        await late
+        assert time.perf_counter() - submitted < 3.0, "the late job waited out the other's batch wait"
+        await filling
+        assert any("late" in engine.prompts for engine in engines)
+        assert "first" in busy.prompts
 
     # A slow machine can only make the sleeps above too short, and then the engines find the work
     # without a wakeup: the test would pass, never fail, for that reason.
