@@ -110,7 +110,7 @@ bench: setup ## serving vs the bare diffusers loop, streaming preview cost, PNG 
 	$(PY) bench/serving.py --size 64x64 --steps 4 --guidance 0 --label 64px-4steps
 	$(PY) bench/serving.py --size 128x128 --steps 20 --guidance 7.5 --concurrency 1 8 --repeats 3 --label 128px-20steps
 	$(PY) bench/streaming.py
-	$(PY) bench/encoding.py
+	$(PY) bench/encoding.py --repeats 31
 
 # --- reliability (issue 6): the scenarios of tests/reliability at soak scale ---
 soak: tools ## overload, storage outage and operator faults at soak scale; writes bench/results/reliability-soak.json
