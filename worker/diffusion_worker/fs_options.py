@@ -6,6 +6,8 @@ import os
 from typing import Any
 
 S3_PROTOCOLS = ("s3", "s3a")
+# Where botocore reads a custom S3 endpoint from, the one it prefers first.
+S3_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def s3_region() -> str | None:
@@ -16,7 +18,7 @@ def s3_region() -> str | None:
 
 def s3_endpoint() -> str | None:
     """A custom S3 endpoint (MinIO, SeaweedFS, R2, GCS's XML API), as botocore reads it."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return next((os.environ[name] for name in S3_ENDPOINT_VARIABLES if os.environ.get(name)), None)
 
 
 def storage_options(url: str, *, endpoint_url: str | None = None) -> dict[str, Any]:

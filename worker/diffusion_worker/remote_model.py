@@ -25,7 +25,7 @@ from typing import Any
 
 from fsspec import callbacks as fsspec_callbacks
 
-from diffusion_worker.fs_options import open_url
+from diffusion_worker.fs_options import S3_ENDPOINT_VARIABLES, open_url
 from diffusion_worker.model_source import (
     ModelSourceError,
     abandoned,
@@ -51,7 +51,7 @@ READABLE_NAME_CHARACTERS = 80
 # Where each scheme's client reads its endpoint from, the one it prefers first: the same URI on
 # another endpoint (MinIO, a GCS emulator) is another model.
 ENDPOINT_VARIABLES = {
-    "s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "s3": S3_ENDPOINT_VARIABLES,
     "gs": ("STORAGE_EMULATOR_HOST",),
     "gcs": ("STORAGE_EMULATOR_HOST",),
 }

@@ -45,6 +45,14 @@ def images(n: int) -> GenerationBatch:
     return GenerationBatch(["p"] * n, None, 64, 64, 2, 7.5, list(range(n)))
 
 
+async def until_idle(scheduler: Scheduler) -> None:
+    """Wait (5 s at most) until the scheduler holds no admitted image."""
+    for _ in range(500):
+        if scheduler.images_admitted == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_a_cancelled_request_keeps_its_running_images_counted_until_the_batch_ends() -> None:
     engine = GatedEngine()
     scheduler = Scheduler(list[Engine]([engine]), max_queue=2, max_batch_size=2, metrics=WorkerMetrics())
@@ -59,10 +67,7 @@ def test_a_cancelled_request_keeps_its_running_images_counted_until_the_batch_en
         with pytest.raises(QueueFullError):
             scheduler.submit(images(1), "second")
         engine.gate.set()
-        for _ in range(200):
-            if scheduler.images_admitted == 0:
-                break
-            await asyncio.sleep(0.01)
+        await until_idle(scheduler)
         assert scheduler.images_admitted == 0, "the ended batch gave its images back"
         assert await scheduler.generate(images(2), "third") == [None, None]
 
@@ -93,14 +98,6 @@ def test_a_finished_request_gives_back_every_image() -> None:
 
 
 QUEUE_GAUGE = "diffusion_worker_queue_images"
-
-
-async def until_idle(scheduler: Scheduler) -> None:
-    """Wait (5 s at most) until the scheduler holds no admitted image."""
-    for _ in range(500):
-        if scheduler.images_admitted == 0:
-            return
-        await asyncio.sleep(0.01)
 
 
 def test_the_queue_gauge_is_not_left_stale_by_an_update_that_lands_late() -> None:
