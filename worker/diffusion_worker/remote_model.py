@@ -46,6 +46,10 @@ MODEL_INDEX = "model_index.json"
 PROGRESS_LOG_SECONDS = 30.0
 # Rounds of filling the staging folder when other processes take it first (see `_write_copy`).
 PUT_IN_PLACE_ATTEMPTS = 3
+# How long to wait, at most, for another process that has taken the staging folder to put it in
+# place (it checks, syncs and renames: seconds), and how often to look.
+TAKEN_WAIT_SECONDS = 60.0
+TAKEN_POLL_SECONDS = 0.1
 # Of the URI, in the copy's folder name; a hash tells URIs apart, this is for people to read.
 READABLE_NAME_CHARACTERS = 80
 # Where each scheme's client reads its endpoint from, the one it prefers first: the same URI on
@@ -187,38 +191,72 @@ def _mention_older_copy(uri: str, remote: Path) -> None:
 
 
 class _StagingTaken(ModelSourceError):
-    """Another process took the staging folder to put it in place (see `_write_copy`)."""
+    """Another process took the staging folder to put it in place, or wrote to it as it was taken
+    (see `_write_copy`)."""
 
 
 def _write_copy(model: RemoteModel, directory: Path, locked: bool) -> None:
     """Fill the model's staging folder and put it in place. Where locks do not exclude every process
     (refused, or per node on NFS) several may fill it at once: the first to finish takes it, and the
-    others find that copy in place, or start again on a staging folder of their own making."""
+    others wait for that copy to be in place (and use it), or carry on with the staging folder where
+    the taker could not finish."""
     staging = directory.with_name(f".{directory.name}.partial")
     for left in directory.parent.glob(f".{directory.name}.*"):  # taken or retired by a process now gone
         if left.is_dir() and abandoned(left, locked):
             shutil.rmtree(left, ignore_errors=True)
     for attempt in range(1, PUT_IN_PLACE_ATTEMPTS + 1):
+        if _put_there_by_another(model, directory, locked):
+            return
         try:
             _fill_staging(model, staging, directory, locked)
             _put_in_place(model, staging, directory)
             return
         except Exception as exc:
-            if _read_manifest(directory) == model.files:
-                log.info("%s: another process put it at %s first", model.uri, directory)
-                for ours in directory.rglob(f"*{staging_suffix()}"):  # renamed in along with its folder
-                    ours.unlink(missing_ok=True)
-                return
             if attempt == PUT_IN_PLACE_ATTEMPTS or not _taken(exc, staging):
+                if _put_there_by_another(model, directory, locked, wait=False):
+                    return
                 raise
-            log.info("%s: another process took %s to put it in place; carrying on", model.uri, staging)
+            log.info("%s: another process took %s to put it in place", model.uri, staging)
+
+
+def _put_there_by_another(model: RemoteModel, directory: Path, locked: bool, wait: bool = True) -> bool:
+    """Whether another process has put the copy the store lists in `directory`; with `wait`, first
+    waiting (TAKEN_WAIT_SECONDS at most) while one that has taken the staging folder is at it."""
+    deadline = time.monotonic() + (TAKEN_WAIT_SECONDS if wait else 0.0)
+    while _read_manifest(directory) != model.files:
+        if time.monotonic() >= deadline or not _being_put_in_place(directory, locked):
+            return False
+        time.sleep(TAKEN_POLL_SECONDS)
+    log.info("%s: another process put it at %s first", model.uri, directory)
+    for ours in directory.rglob(f"*{staging_suffix()}"):  # renamed in along with its folder
+        ours.unlink(missing_ok=True)
+    return True
+
+
+def _being_put_in_place(directory: Path, locked: bool) -> bool:
+    """Whether a process is putting a copy in place: a staging folder it has taken (see
+    `_put_in_place`) is there, its writer not known to be gone."""
+    return any(
+        taken.is_dir() and not abandoned(taken, locked)
+        for taken in directory.parent.glob(f".{directory.name}.partial-*")
+    )
 
 
 def _taken(exc: Exception, staging: Path) -> bool:
     """Whether `exc` says the staging folder went from under us: taken, or renamed mid-write."""
-    if isinstance(exc, _StagingTaken):
+    if isinstance(exc, _StagingTaken) or not staging.is_dir():
         return True
     return isinstance(exc, OSError) and str(exc.filename or "").startswith(str(staging))
+
+
+def _folder_for(staging: Path, name: str) -> Path:
+    """The folder of file `name` in `staging`, made where missing; `staging` itself is never made
+    here: one another process has taken must not come back half empty (an OSError instead)."""
+    folder = staging
+    for part in Path(name).parent.parts:
+        folder = folder / part
+        folder.mkdir(exist_ok=True)
+    return folder
 
 
 def _fill_staging(model: RemoteModel, staging: Path, directory: Path, locked: bool) -> None:
@@ -275,8 +313,7 @@ def _link_unchanged(
         source = directory / name
         if name in done or copied.get(name) != version or not _has_size(source, version.size):
             continue
-        target = staging / name
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = _folder_for(staging, name) / Path(name).name
         partial = target.with_name(staging_name(target.name))
         partial.unlink(missing_ok=True)
         try:
@@ -319,8 +356,7 @@ def _names_a_component(value: Any) -> bool:
 def _fetch_file(model: RemoteModel, name: str, staging: Path, progress: _CopyProgress) -> None:
     """Fetch one file under a temporary name and rename it when whole and on disk, so a file under
     its own name in `staging` is never half written."""
-    target = staging / name
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _folder_for(staging, name) / Path(name).name
     partial = target.with_name(staging_name(target.name))
     try:
         model.fs.get_file(f"{model.root}/{name}", str(partial), callback=_FileBytes(progress))
@@ -356,11 +392,14 @@ def _put_in_place(model: RemoteModel, staging: Path, directory: Path) -> None:
     except FileNotFoundError as exc:
         raise _StagingTaken(f"--model {model.uri!r}: {staging} was taken by another process") from exc
     try:
+        for stray in taken.rglob(".*"):  # what other writers had under way when it was taken
+            if stray.is_file() and is_staging_name(stray.name):
+                stray.unlink(missing_ok=True)
         short = sorted(
             name for name, version in model.files.items() if not _has_size(taken / name, version.size)
         )
         if short:
-            raise ModelSourceError(
+            raise _StagingTaken(
                 f"--model {model.uri!r}: {', '.join(short)} missing from the copy as it was finished "
                 "(another process writing it?); the next start carries on with it"
             )

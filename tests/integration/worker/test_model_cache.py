@@ -196,12 +196,15 @@ def test_processes_whose_locks_do_not_exclude_each_other_still_each_get_a_whole_
     s3_model: str, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """On NFS with per-node locks (nolock, local_lock=all) pods on two nodes both hold the lock.
-    Before, each holder deleted every other staging folder, the other's copy in progress included."""
+    Before, each holder deleted every other staging folder, the other's copy in progress included;
+    then the processes that lost the race to put it in place made a staging folder again, and left it
+    (with as much as the whole model in it), or failed on one they had made half of."""
     cache = tmp_path / "cache"
     results = resolve_together(s3_model, cache, processes=3, locks="per-node")
     assert [result.returncode for result in results] == [0, 0, 0], [result.stderr for result in results]
     assert {result.stdout.strip() for result in results} == {str(cache / "remote" / copy_name(s3_model))}
     assert files_under(cache / "remote" / copy_name(s3_model)) == files_under(tiny_model_dir)
+    assert cache_entries(cache / "remote") == [copy_name(s3_model)], "no staging directory left behind"
 
 
 def test_a_model_still_being_uploaded_is_refused_until_every_component_is_there(
