@@ -121,6 +121,7 @@ REASON_WORKER_UNSCHEDULABLE: Final = "WorkerUnschedulable"  # Ready=False: no no
 REASON_WORKER_PODS_REJECTED: Final = "WorkerPodsRejected"  # Ready=False: the ReplicaSet cannot create pods
 REASON_WORKERS_UNAVAILABLE: Final = "WorkersUnavailable"  # Ready=False: pods lost after a completed rollout
 REASON_API_ERROR: Final = "ApiError"  # Stalled=True: the API server refuses a read or write (e.g. 403)
+REASON_WAITING_FOR_DELETION: Final = "WaitingForDeletion"  # Reconciling=True: an earlier child of a name goes
 REASON_APPLY_FAILED: Final = "ApplyFailed"  # event reason
 REASON_CREATED: Final = "Created"  # event reason
 REASON_UPDATED: Final = "Updated"  # event reason

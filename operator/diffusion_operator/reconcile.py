@@ -167,12 +167,14 @@ def _observe(api: KubeApi, meta: Meta) -> Observed:
 @dataclasses.dataclass
 class Applied:
     """What apply_children did: each child as the server now has it (absent: never created), the
-    Events to post, and why each child it could not apply was not (the server refused it, or an
-    object that is not the service's has its name)."""
+    Events to post, why each child it could not apply was not (the server refused it, or an object
+    that is not the service's has its name), and the children it waits to apply until an object of
+    their name that is on its way out is gone."""
 
     lives: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     events: list[Event] = dataclasses.field(default_factory=list)
     rejected: list[str] = dataclasses.field(default_factory=list)
+    waiting: list[str] = dataclasses.field(default_factory=list)
 
 
 def _changed(live: Mapping[str, Any] | None, applied: Mapping[str, Any]) -> bool:
@@ -197,8 +199,7 @@ def foreign_owner(live: Mapping[str, Any], meta: Meta) -> str | None:
         return None
     controller = next((owner for owner in owners if owner.get("controller")), None)
     if controller is not None:
-        # An earlier service of this name whose children garbage collection has yet to remove
-        # gets here too: their removal is a child event, and the next pass creates ours.
+        # An earlier service of this name gets here too (see leaving): not ours to change either.
         kind, name, uid = controller.get("kind"), controller.get("name"), controller.get("uid")
         return f"it is controlled by {kind} {name} (uid {uid})"
     labels = metadata.get("labels") or {}
@@ -207,29 +208,59 @@ def foreign_owner(live: Mapping[str, Any], meta: Meta) -> str | None:
     return "it was not created for this service"
 
 
+def leaving(live: Mapping[str, Any], meta: Meta) -> str | None:
+    """Why `live`, an object of a child's name that is not this service's, will be gone without
+    anyone's help; None when it stays. It is being deleted (a deletionTimestamp: a PVC that the
+    pvc-protection finalizer keeps while the pods of a deleted service terminate), or its
+    controller is an earlier ImageDiffusionService of this name, which no longer exists (this one
+    has the name), so the garbage collector deletes it or, after an orphaning delete, takes its
+    owner reference off."""
+    metadata = live.get("metadata") or {}
+    if metadata.get("deletionTimestamp"):
+        finalizers = metadata.get("finalizers") or []
+        if not finalizers:
+            return "deletion under way"
+        return f"held by the finalizer{'s' if len(finalizers) > 1 else ''} {', '.join(finalizers)}"
+    for owner in metadata.get("ownerReferences") or ():
+        if (
+            owner.get("controller")
+            and (owner.get("apiVersion") or "").split("/")[0] == c.GROUP
+            and (owner.get("kind"), owner.get("name")) == (c.KIND, meta.name)
+            and owner.get("uid") != meta.uid
+        ):
+            return f"owned by the deleted {c.KIND} {meta.name}, uid {owner.get('uid')}"
+    return None
+
+
 def apply_children(api: KubeApi, children: list[Manifest], meta: Meta) -> Applied:
     """Apply the children that need it, each on its own: a child the server rejects (a PVC shrink,
     say) does not hold back the others (an image or replicas change in the same commit).
 
-    An object of a child's name that is not this service's (foreign_owner) is left as it is and
-    reported; when it is the model cache, the Deployment, whose pods would mount it, is held back too.
-    A transient API error propagates (the caller retries the pass).
+    An object of a child's name that is not this service's (foreign_owner) is left as it is:
+    waited for when it is on its way out (leaving: an earlier service of this name, deleted moments
+    ago), else reported. When it is the model cache, the Deployment, whose pods would mount it, is
+    held back too. A transient API error propagates (the caller retries the pass).
     """
     result = Applied()
-    cache_taken = False
+    cache_blocked: list[str] | None = None  # where the model cache's problem went, rejected or waiting
     for child in children:
         kind, name = child["kind"], child["metadata"]["name"]
         live = api.get(child["apiVersion"], kind, meta.namespace, name)
         why = foreign_owner(live, meta) if live is not None else None
-        if why is not None:
-            cache_taken = cache_taken or kind == "PersistentVolumeClaim"
-            result.rejected.append(
-                f"{kind} {name} already exists and is not this service's ({why}); "
+        if live is not None and why is not None:
+            gone_soon = leaving(live, meta)
+            blocked = result.waiting if gone_soon else result.rejected
+            if kind == "PersistentVolumeClaim":
+                cache_blocked = blocked
+            blocked.append(
+                f"waiting for the previous {kind} {name} to be deleted ({gone_soon})"
+                if gone_soon
+                else f"{kind} {name} already exists and is not this service's ({why}); "
                 f"delete or rename it, or give the service another name"
             )
             continue
-        if kind == "Deployment" and cache_taken:
-            result.rejected.append(
+        if kind == "Deployment" and cache_blocked is not None:
+            cache_blocked.append(
                 f"Deployment {name} not applied: its pods would mount that PersistentVolumeClaim"
             )
             continue
@@ -328,7 +359,7 @@ def _reconcile(api: KubeApi, body: Mapping[str, Any], default_image: str) -> Out
     lives, events = applied.lives, applied.events
     if applied.rejected:
         # The server rejected a child (e.g. a PVC shrink), or its name is taken: neither fixes itself.
-        message = "; ".join(applied.rejected)
+        message = "; ".join(applied.rejected + applied.waiting)
         verdict = Verdict(
             ready=(False, c.REASON_APPLY_FAILED, message),
             reconciling=(False, c.REASON_APPLY_FAILED, message),
@@ -340,18 +371,32 @@ def _reconcile(api: KubeApi, body: Mapping[str, Any], default_image: str) -> Out
             events.append(Event("Warning", c.REASON_APPLY_FAILED, message))
         return Outcome(status_delta(previous, status), events)
 
+    if applied.waiting:
+        # An earlier service's child on its way out (a delete and re-create under the same name):
+        # it goes by itself, and the pass its removal triggers applies ours. Not Stalled, no Warning.
+        message = "; ".join(applied.waiting)
+        verdict = Verdict(
+            ready=(False, c.REASON_WAITING_FOR_DELETION, message),
+            reconciling=(True, c.REASON_WAITING_FOR_DELETION, message),
+            stalled=(False, c.REASON_AS_EXPECTED, ""),
+        )
+        seen = Observed(deployment=lives.get("Deployment"), model_cache=lives.get("PersistentVolumeClaim"))
+        status = build_status(meta, verdict, previous, spec=spec, observed=seen, now=now)
+        return Outcome(status_delta(previous, status), events)
+
     deployment = lives.get("Deployment")
     observed = Observed(
         deployment=deployment,
         model_cache=lives.get("PersistentVolumeClaim"),
         pods=_worker_pods(api, meta, body) if pods_needed(spec, deployment) else (),
     )
-    verdict = judge(spec, meta, observed)
-    status = build_status(meta, verdict, previous, spec=spec, observed=observed, now=now)
     previous_ready = _previous_conditions(body).get(c.CONDITION_READY) or {}
+    was_failing = previous_ready.get("reason") == c.REASON_WORKER_FAILING
+    verdict = judge(spec, meta, observed, was_failing=was_failing)
+    status = build_status(meta, verdict, previous, spec=spec, observed=observed, now=now)
     ready, reason, message = verdict.ready
     if ready and previous_ready.get("status") != "True":
         events.append(Event("Normal", reason, f"ready at {status['endpoint']}: {message}"))
     if reason in WORKER_PROBLEMS and previous_ready.get("reason") != reason:
-        events.append(Event("Warning", reason, message))  # once per problem, not per restart
+        events.append(Event("Warning", reason, message))  # once per problem, not per restart or retry
     return Outcome(status_delta(previous, status), events)

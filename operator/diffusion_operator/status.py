@@ -107,8 +107,9 @@ def pods_needed(spec: ServiceSpec, deployment: Mapping[str, Any] | None) -> bool
     )
 
 
-def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
-    """The three conditions for a valid spec (kstatus: Reconciling until available at this generation)."""
+def judge(spec: ServiceSpec, meta: Meta, observed: Observed, *, was_failing: bool = False) -> Verdict:
+    """The three conditions for a valid spec (kstatus: Reconciling until available at this generation).
+    `was_failing`: the previous Ready reason was WorkerFailing (see pods.worker_pod_problem)."""
     cache = observed.model_cache
     if cache is not None and cache.get("status", {}).get("phase") == "Lost":
         message = (
@@ -128,7 +129,7 @@ def judge(spec: ServiceSpec, meta: Meta, observed: Observed) -> Verdict:
             stalled=(False, c.REASON_AS_EXPECTED, ""),
         )
     status = deployment.get("status") or {}
-    problem = worker_pod_problem(observed.pods) or _rejected_pods(deployment)
+    problem = worker_pod_problem(observed.pods, was_failing=was_failing) or _rejected_pods(deployment)
     progressing = _deadline_exceeded(deployment)
     if progressing is not None:
         message = f"worker rollout stalled: {progressing.get('message', 'progress deadline exceeded')}"

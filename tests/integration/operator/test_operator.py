@@ -295,6 +295,67 @@ def test_a_crash_looping_worker_pod_puts_its_last_log_line_in_the_ready_conditio
     wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
 
 
+def test_an_image_pull_failing_after_the_rollout_keeps_its_conditions_through_the_retries(
+    kubectl: Kubectl, cluster: EmulatorThread
+) -> None:
+    """A pod lost after the rollout is replaced on a node that cannot pull the image: the kubelet
+    then alternates ErrImagePull (each retry) and ImagePullBackOff. From the first back-off on the
+    service stays Stalled/WorkerFailing, with one lastTransitionTime and one Warning, instead of
+    flipping at every retry (Flux and Argo CD would flip between Degraded and Progressing)."""
+    kubectl.apply(tiny())
+    deployment = wait_for("the Deployment", lambda: kubectl.child("deployments", "tiny"))
+    status_path = f"/apis/apps/v1/namespaces/{kubectl.ns}/deployments/tiny/status"
+
+    def rolled_out(available: int) -> dict[str, Any]:
+        conditions = [
+            {"type": "Available", "status": "True" if available else "False"},
+            {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
+        ]
+        generation = deployment["metadata"]["generation"]
+        return {"status": {
+            "observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": available,
+            "availableReplicas": available, "conditions": conditions}}  # fmt: skip
+
+    assert kubectl.client.merge_patch(status_path, rolled_out(1)).status_code == 200
+    wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
+    assert kubectl.client.merge_patch(status_path, rolled_out(0)).status_code == 200
+    template = deployment["spec"]["template"]
+    pods = f"/api/v1/namespaces/{kubectl.ns}/pods"
+    labels = template["metadata"]["labels"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
+           "metadata": {"name": "tiny-7d9f-y3y", "namespace": kubectl.ns, "labels": labels}}  # fmt: skip
+    assert kubectl.client.post(pods, pod).status_code == 201
+
+    def kubelet_says(reason: str, message: str) -> None:
+        waiting = {"reason": reason, "message": message}
+        status = {"phase": "Pending", "containerStatuses": [{"name": c.WORKER_CONTAINER_NAME,
+                  "restartCount": 0, "ready": False, "state": {"waiting": waiting}}]}  # fmt: skip
+        patched = kubectl.client.merge_patch(f"{pods}/tiny-7d9f-y3y/status", {"status": status})
+        assert patched.status_code == 200, patched.text
+
+    kubelet_says("ImagePullBackOff", 'Back-off pulling image "registry.test/worker:dev"')
+    wait_for("Stalled=True", lambda: (kubectl.condition("tiny", "Stalled") or {}).get("status") == "True")
+    since = kubectl.condition("tiny", "Stalled")["lastTransitionTime"]  # type: ignore[index]
+    for attempt in range(3):
+        for reason in ("ErrImagePull", "ImagePullBackOff"):
+            detail = f"{reason}: attempt {attempt}"  # a new message each time, to see the pass's status
+            kubelet_says(reason, f"attempt {attempt}")
+            ready = wait_for(
+                f"Ready naming {detail}",
+                lambda d=detail: (  # type: ignore[misc]
+                    (cond := kubectl.condition("tiny", "Ready")) and cond["message"].endswith(d) and cond
+                ),
+            )
+            assert ready["reason"] == c.REASON_WORKER_FAILING
+            stalled = kubectl.condition("tiny", "Stalled") or {}
+            assert (stalled["status"], stalled["reason"], stalled["lastTransitionTime"]) == (
+                "True", c.REASON_WORKER_FAILING, since,
+            )  # fmt: skip
+    settle(cluster, kubectl.ns)
+    warnings = [e for e in kubectl.events() if e["reason"] == c.REASON_WORKER_FAILING]
+    assert len(warnings) == 1, warnings
+
+
 def test_children_and_pods_are_watched_through_a_server_side_label_selector(
     kubectl: Kubectl, cluster: EmulatorThread
 ) -> None:
@@ -337,6 +398,56 @@ def test_a_service_of_the_same_name_made_by_someone_else_is_left_alone(
         lambda: [e for e in kubectl.events() if e.get("reason") == c.REASON_APPLY_FAILED],
     )
     assert warnings[0]["type"] == "Warning" and warnings[0]["message"] == message
+
+
+def test_a_service_re_created_under_its_name_waits_for_the_previous_cache_without_stalling(
+    kubectl: Kubectl,
+) -> None:
+    """Deleted and applied again (kubectl delete + apply, Flux's force, Argo CD's Replace): the
+    earlier service's PVC stays Terminating, held by pvc-protection, until its pods are gone. That
+    fixes itself, so the new service is Reconciling (not Stalled, where Flux would stop waiting),
+    posts no Warning, and creates its Deployment once the PVC is gone."""
+    kubectl.apply(tiny())
+    wait_for("the PVC", lambda: kubectl.child("persistentvolumeclaims", "tiny-model-cache"))
+    kubectl.mark_deployment_available("tiny", 1)
+    wait_for("Ready=True", lambda: (kubectl.condition("tiny", "Ready") or {}).get("status") == "True")
+    pvc = f"/api/v1/namespaces/{kubectl.ns}/persistentvolumeclaims/tiny-model-cache"
+    protected = {"metadata": {"finalizers": ["kubernetes.io/pvc-protection"]}}  # pods still mount it
+    assert kubectl.client.merge_patch(pvc, protected).status_code == 200
+    old_uid = kubectl.service("tiny")["metadata"]["uid"]  # type: ignore[index]
+    assert kubectl.client.delete(kubectl.ids_path("tiny")).status_code == 200
+    wait_for("the service gone", lambda: kubectl.service("tiny") is None)
+    kubectl.apply(tiny())
+    ready = wait_for(
+        "Ready=False WaitingForDeletion",
+        lambda: (
+            (cond := kubectl.condition("tiny", "Ready"))
+            and cond["reason"] == c.REASON_WAITING_FOR_DELETION
+            and cond
+        ),
+    )
+    assert ready["status"] == "False"
+    assert ready["message"].startswith(
+        "waiting for the previous PersistentVolumeClaim tiny-model-cache to be deleted (held by the "
+        "finalizer kubernetes.io/pvc-protection)"
+    )
+    assert (kubectl.condition("tiny", "Reconciling") or {}).get("status") == "True"
+    assert (kubectl.condition("tiny", "Stalled") or {}).get("status") == "False"
+    assert kubectl.child("deployments", "tiny") is None
+    old = kubectl.child("persistentvolumeclaims", "tiny-model-cache") or {}
+    assert old["metadata"].get("deletionTimestamp")
+    assert old["metadata"]["ownerReferences"][0]["uid"] == old_uid
+    assert kubectl.client.merge_patch(pvc, {"metadata": {"finalizers": None}}).status_code == 200
+    wait_for("the new Deployment", lambda: kubectl.child("deployments", "tiny"))
+    new_uid = kubectl.service("tiny")["metadata"]["uid"]  # type: ignore[index]
+    cache = wait_for("the new PVC", lambda: kubectl.child("persistentvolumeclaims", "tiny-model-cache"))
+    assert cache["metadata"]["ownerReferences"][0]["uid"] == new_uid
+    wait_for(
+        "Ready=False RollingOut",
+        lambda: (kubectl.condition("tiny", "Ready") or {}).get("reason") == c.REASON_ROLLING_OUT,
+    )
+    assert (kubectl.condition("tiny", "Stalled") or {}).get("status") == "False"
+    assert [e for e in kubectl.events() if e["type"] == "Warning"] == []
 
 
 def test_a_new_service_whose_children_cannot_be_written_yet_says_so(

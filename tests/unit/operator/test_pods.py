@@ -245,3 +245,60 @@ def test_an_init_container_that_finished_after_a_crash_is_no_problem() -> None:
         ],
     )  # fmt: skip
     assert worker_pod_problem([done]) is None
+
+
+PULL_ERROR = {"waiting": {"reason": "ErrImagePull", "message": "rpc error: 403 Forbidden"}}
+PULL_BACKOFF = {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "w:2"'}}
+
+
+def test_an_image_pull_retry_of_a_failing_service_stays_failing() -> None:
+    """The kubelet shows ErrImagePull on every retry of a pull in back-off: once the service says
+    WorkerFailing, the retry must not clear it (Stalled, and the Warning, flipped at every retry)."""
+    retrying = pod("p", containers=[worker(PULL_ERROR)], phase="Pending")
+    assert worker_pod_problem([retrying]) is None, "a first failed pull is the kubelet's to retry"
+    assert worker_pod_problem([retrying], was_failing=True) == (
+        c.REASON_WORKER_FAILING,
+        "worker pod p: ErrImagePull: rpc error: 403 Forbidden",
+    )
+    backing_off = pod("p", containers=[worker(PULL_BACKOFF)], phase="Pending")
+    for was_failing in (False, True):
+        assert worker_pod_problem([backing_off], was_failing=was_failing) == (
+            c.REASON_WORKER_FAILING,
+            'worker pod p: ImagePullBackOff: Back-off pulling image "w:2"',
+        )
+
+
+def kubelet_crash_loop() -> list[tuple[str, dict[str, Any]]]:
+    """The worker's container status at each step of a crash loop, as the kubelet reports it."""
+    exited = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    running = {"running": {"startedAt": "T"}}
+    backoff = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}}
+    return [
+        ("Error(0)", worker(exited, restarts=0)),
+        ("Running(1)", worker(running, restarts=1, ready=False, lastState=exited)),
+        ("Error(1)", worker(exited, restarts=1, lastState=exited)),
+        ("CrashLoopBackOff(1)", worker(backoff, restarts=1, lastState=exited)),
+        ("Running(2)", worker(running, restarts=2, ready=False, lastState=exited)),
+        ("Error(2)", worker(exited, restarts=2, lastState=exited)),
+        ("CrashLoopBackOff(2)", worker(backoff, restarts=2, lastState=exited)),
+        ("Running(3)", worker(running, restarts=3, ready=False, lastState=exited)),
+    ]
+
+
+def test_one_restart_is_no_problem_and_a_crash_loop_is_one_from_its_second_crash_on() -> None:
+    """One liveness kill or OOM, then the model reloading, is not a crash loop; from the second
+    crash on the verdict holds through every state of the loop, running between crashes included."""
+    verdicts = [
+        (step, worker_pod_problem([pod("p", containers=[status])]) is not None)
+        for step, status in kubelet_crash_loop()
+    ]
+    assert verdicts == [
+        ("Error(0)", False),
+        ("Running(1)", False),
+        ("Error(1)", True),
+        ("CrashLoopBackOff(1)", True),
+        ("Running(2)", True),
+        ("Error(2)", True),
+        ("CrashLoopBackOff(2)", True),
+        ("Running(3)", True),
+    ]

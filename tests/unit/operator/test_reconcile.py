@@ -237,10 +237,14 @@ def test_a_pvc_of_the_caches_name_owned_by_another_controller_holds_back_the_dep
     assert "Deployment svc not applied: its pods would mount that PersistentVolumeClaim" in message
 
 
+EARLIER = {"apiVersion": c.API_VERSION, "kind": c.KIND, "name": "svc", "uid": "old", "controller": True}
+
+
 def test_a_kept_model_cache_is_taken_back_and_an_earlier_services_children_are_waited_for() -> None:
     """A cache kept by retainOnDelete (no owner, this service's labels) is the service's again when
     it is created anew; a child still owned by an earlier service of the same name (garbage
-    collection under way) is left to the collector, and the pass after its removal creates ours."""
+    collection under way) is left to the collector, without Stalled or a Warning, and the pass
+    after its removal creates ours."""
     api = FakeApi()
     kept = {
         "metadata": {
@@ -250,19 +254,86 @@ def test_a_kept_model_cache_is_taken_back_and_an_earlier_services_children_are_w
         }
     }
     api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")] = kept
-    earlier = {"kind": c.KIND, "name": "svc", "uid": "old", "controller": True}
     api.objects[("Service", "ns", "svc")] = {
-        "metadata": {"name": "svc", "namespace": "ns", "ownerReferences": [earlier]}
+        "metadata": {"name": "svc", "namespace": "ns", "ownerReferences": [EARLIER]}
     }
     first = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
     assert api.applies == ["PersistentVolumeClaim", "Deployment", "PodDisruptionBudget"]
     cache = api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")]
     assert [owner["uid"] for owner in cache["metadata"]["ownerReferences"]] == ["u1"]
-    assert "controlled by ImageDiffusionService svc (uid old)" in stalled_condition(first)["message"]
+    assert stalled_condition(first)["status"] == "False"
+    assert ready_condition(first)["message"] == (
+        "waiting for the previous Service svc to be deleted "
+        "(owned by the deleted ImageDiffusionService svc, uid old)"
+    )
+    assert all(event.type == "Normal" for event in first.events)
     del api.objects[("Service", "ns", "svc")]  # the garbage collector's turn
     second = reconcile_service(api, body(SPEC, first.status_delta), "img")  # type: ignore[arg-type]
     assert api.applies[-1:] == ["Service"]
     assert stalled_condition(second)["status"] == "False"
+
+
+def test_a_re_created_service_waits_for_the_previous_cache_being_deleted_without_stalling() -> None:
+    """Deleted and created again under the same name (kubectl delete + apply, Argo CD's Replace):
+    the earlier service's PVC stays Terminating, held by pvc-protection, while its pods terminate.
+    That fixes itself, so Reconciling (Flux keeps waiting), no Warning; the Deployment, whose pods
+    would mount that volume, waits too."""
+    api = FakeApi()
+    terminating = {
+        "metadata": {
+            "name": "svc-model-cache", "namespace": "ns", "labels": child_labels(Meta("svc", "ns", "old")),
+            "ownerReferences": [EARLIER], "deletionTimestamp": "2026-12-01T05:00:00Z",
+            "finalizers": ["kubernetes.io/pvc-protection"],
+        }
+    }  # fmt: skip
+    api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")] = copy.deepcopy(terminating)
+    first = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
+    assert api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")] == terminating
+    assert api.applies == ["Service", "PodDisruptionBudget"]
+    conditions = {cond["type"]: cond for cond in first.status_delta["conditions"]}
+    message = (
+        "waiting for the previous PersistentVolumeClaim svc-model-cache to be deleted (held by the "
+        "finalizer kubernetes.io/pvc-protection); Deployment svc not applied: its pods would mount "
+        "that PersistentVolumeClaim"
+    )
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == (
+        "False",
+        c.REASON_WAITING_FOR_DELETION,
+    )
+    assert conditions["Ready"]["message"] == message
+    assert (conditions["Reconciling"]["status"], conditions["Reconciling"]["reason"]) == (
+        "True", c.REASON_WAITING_FOR_DELETION,
+    )  # fmt: skip
+    assert (conditions["Stalled"]["status"], conditions["Stalled"]["reason"]) == (
+        "False",
+        c.REASON_AS_EXPECTED,
+    )
+    assert all(event.type == "Normal" for event in first.events)
+    del api.objects[("PersistentVolumeClaim", "ns", "svc-model-cache")]  # the pods are gone
+    second = reconcile_service(api, body(SPEC, first.status_delta), "img")  # type: ignore[arg-type]
+    assert api.applies[-2:] == ["PersistentVolumeClaim", "Deployment"]
+    assert ready_condition(second)["reason"] == c.REASON_ROLLING_OUT
+    assert stalled_condition(second)["status"] == "False"
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "Service"])
+def test_a_child_of_someone_else_being_deleted_is_waited_for_not_applied_over(kind: str) -> None:
+    theirs = {
+        "metadata": {"name": "svc", "namespace": "ns", "deletionTimestamp": "2026-12-01T05:00:00Z",
+                     "finalizers": ["example.com/cleanup"]},
+    }  # fmt: skip
+    api = FakeApi()
+    api.objects[(kind, "ns", "svc")] = copy.deepcopy(theirs)
+    outcome = reconcile_service(api, body(SPEC), "img")  # type: ignore[arg-type]
+    assert api.objects[(kind, "ns", "svc")] == theirs
+    assert kind not in api.applies
+    ready = ready_condition(outcome)
+    assert (ready["reason"], ready["message"]) == (
+        c.REASON_WAITING_FOR_DELETION,
+        f"waiting for the previous {kind} svc to be deleted (held by the finalizer example.com/cleanup)",
+    )
+    assert stalled_condition(outcome)["status"] == "False"
+    assert c.REASON_APPLY_FAILED not in [event.reason for event in outcome.events]
 
 
 def test_a_pass_reads_the_worker_pods_of_its_own_service_into_the_ready_condition() -> None:
@@ -334,6 +405,49 @@ def test_a_worker_problem_posts_one_warning_when_it_starts_not_on_every_restart(
     assert run_pass() == []
     api.objects[("Pod", "ns", "svc-pod")] = crash
     assert [event.reason for event in run_pass()] == [c.REASON_WORKER_FAILING], "a new episode warns again"
+
+
+def test_an_image_pull_failing_after_the_rollout_warns_once_not_at_every_retry() -> None:
+    """The kubelet alternates ErrImagePull (a retry) and ImagePullBackOff: the status stays
+    Stalled/WorkerFailing through both, and one Warning is posted for the whole episode."""
+    api = FakeApi()
+    status: dict[str, Any] = {}
+
+    def run_pass() -> list[Event]:
+        outcome = reconcile_service(api, body(SPEC, status), "worker:1")
+        status.update(outcome.status_delta)
+        return outcome.events
+
+    run_pass()
+    api.objects[("Deployment", "ns", "svc")]["status"] = {
+        "observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 0,
+        "availableReplicas": 0, "conditions": [
+            {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable"},
+            {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}],
+    }  # fmt: skip
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "worker:1"'}
+    api.objects[("Pod", "ns", "svc-pod")] = {
+        "metadata": {"name": "svc-pod", "namespace": "ns", "labels": child_labels(Meta("svc", "ns", "u1"))},
+        "status": {"phase": "Pending", "containerStatuses": [
+            {"name": c.WORKER_CONTAINER_NAME, "restartCount": 0, "ready": False,
+             "state": {"waiting": waiting}}]},
+    }  # fmt: skip
+    warnings = [event for event in run_pass() if event.type == "Warning"]
+    since = stalled_of(status)["lastTransitionTime"]
+    for _ in range(3):
+        for reason, message in (
+            ("ErrImagePull", "rpc error: 403 Forbidden"),
+            ("ImagePullBackOff", "Back-off"),
+        ):
+            waiting.update(reason=reason, message=message)
+            warnings += [event for event in run_pass() if event.type == "Warning"]
+            assert ready_condition_of(status)["reason"] == c.REASON_WORKER_FAILING
+            assert (stalled_of(status)["status"], stalled_of(status)["lastTransitionTime"]) == ("True", since)
+    assert [event.reason for event in warnings] == [c.REASON_WORKER_FAILING]
+
+
+def stalled_of(status: dict[str, Any]) -> dict[str, Any]:
+    return next(cond for cond in status["conditions"] if cond["type"] == "Stalled")
 
 
 def ready_condition_of(status: dict[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,51 @@ def test_a_worker_crashing_after_a_completed_rollout_is_stalled_not_reconciling(
     assert "CrashLoopBackOff, restarted 7 times" in verdict.ready[2]
 
 
+def test_one_restart_after_a_completed_rollout_is_reconciling_not_stalled() -> None:
+    """A single liveness kill or OOM: the container runs again, reloading the model, and will most
+    likely be ready again; Stalled=True would make Flux stop waiting and Argo CD say Degraded."""
+    reloading = {
+        "metadata": {"name": "svc-abc-1"},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": c.WORKER_CONTAINER_NAME, "restartCount": 1, "ready": False, "state": {"running": {}},
+            "lastState": {"terminated": {"exitCode": 137, "reason": "Error"}}}]},
+    }  # fmt: skip
+    dep = deployment(replicas=2, updatedReplicas=2, readyReplicas=1, availableReplicas=1, conditions=COMPLETE)
+    verdict = judge(SPEC, META, Observed(deployment=dep, pods=[reloading]))
+    assert verdict.ready[:2] == (False, c.REASON_WORKERS_UNAVAILABLE)
+    assert verdict.reconciling[0] is True
+    assert verdict.stalled == (False, c.REASON_AS_EXPECTED, "")
+
+
+def test_an_image_pull_failing_after_a_completed_rollout_stays_stalled_across_retries() -> None:
+    """The kubelet alternates ErrImagePull (each retry) and ImagePullBackOff (the wait before the
+    next): with the previous Ready reason passed in, the conditions stay put (lastTransitionTime
+    included), instead of flipping at every retry."""
+    dep = deployment(replicas=2, updatedReplicas=2, readyReplicas=1, availableReplicas=1, conditions=COMPLETE)
+    status: dict[str, Any] = {}
+    seen = []
+    for step, reason in enumerate(["ErrImagePull", "ImagePullBackOff"] * 3):
+        pulling = {
+            "metadata": {"name": "svc-abc-1"},
+            "status": {"phase": "Pending", "containerStatuses": [{
+                "name": c.WORKER_CONTAINER_NAME, "restartCount": 0, "ready": False,
+                "state": {"waiting": {"reason": reason, "message": "rpc error: 403 Forbidden"}}}]},
+        }  # fmt: skip
+        ready = next((cond for cond in status.get("conditions", []) if cond["type"] == "Ready"), {})
+        was_failing = ready.get("reason") == c.REASON_WORKER_FAILING
+        verdict = judge(SPEC, META, Observed(deployment=dep, pods=[pulling]), was_failing=was_failing)
+        status = build_status(
+            META, verdict, status, spec=SPEC, observed=Observed(deployment=dep), now=f"t{step}"
+        )
+        stalled = next(cond for cond in status["conditions"] if cond["type"] == "Stalled")
+        seen.append((reason, verdict.ready[1], stalled["status"], stalled["lastTransitionTime"]))
+    assert seen[0] == ("ErrImagePull", c.REASON_WORKERS_UNAVAILABLE, "False", "t0"), "a first failed pull"
+    assert all(
+        (ready_reason, stalled, since) == (c.REASON_WORKER_FAILING, "True", "t1")
+        for _, ready_reason, stalled, since in seen[1:]
+    ), seen
+
+
 def test_pods_lost_after_a_completed_rollout_without_a_failure_are_reconciling() -> None:
     """A pod replaced after a node drain, or unready while it loads the model again."""
     dep = deployment(replicas=2, updatedReplicas=2, readyReplicas=1, availableReplicas=1, conditions=COMPLETE)
