@@ -68,6 +68,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # One pass at a time per service, whichever trigger (handler, resync, child event) started it.
     memo.locks = collections.defaultdict(threading.Lock)
     memo.locks_guard = threading.Lock()
+    # The status write the API server last refused, by service: told in a Warning once, not per pass.
+    memo.status_refusals = {}
 
 
 def services(namespace: str, name: str, **_: Any) -> dict[tuple[str, str], None]:
@@ -169,7 +171,9 @@ def _converge(memo: kopf.Memo, namespace: str, name: str, post: EventPoster) -> 
     Event posted, once. None when the service is gone or being deleted. A failed API call raises
     TemporaryError, with no Event posted: the retry judges the same transition again (a service
     with no status yet first gets a Reconciling one that quotes the error). A status write the API
-    server refuses for good posts a Warning ApiError Event and raises that error (kopf retries).
+    server refuses for good raises that error (kopf retries), after a Warning ApiError Event the
+    first time it is refused so (no condition can say it: every pass, resync and retry would post
+    one again).
     """
     with _lock(memo, namespace, name), _transient_errors_retried():
         owner = memo.api.get(c.API_VERSION, c.KIND, namespace, name)
@@ -186,10 +190,15 @@ def _converge(memo: kopf.Memo, namespace: str, name: str, post: EventPoster) -> 
         refused = _write_status(memo.api, owner, outcome.status_delta)
     for event in outcome.events:
         post(memo, owner, event)
-    if refused is not None:
-        post(memo, owner, Event("Warning", c.REASON_API_ERROR, api_error_message(refused)))
-        raise refused
-    return outcome
+    told = memo.status_refusals
+    if refused is None:
+        told.pop((namespace, name), None)
+        return outcome
+    message = api_error_message(refused)
+    if told.get((namespace, name)) != message:
+        told[namespace, name] = message
+        post(memo, owner, Event("Warning", c.REASON_API_ERROR, message))
+    raise refused
 
 
 def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

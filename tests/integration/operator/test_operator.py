@@ -8,6 +8,7 @@ manifests are sent with the CRD's defaults already applied where the operator re
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -542,7 +543,8 @@ def test_a_status_the_operator_may_no_longer_write_is_told_in_a_warning_event(
     cluster: EmulatorThread, kubectl: Kubectl
 ) -> None:
     """When the status subresource itself answers 403 no condition can say so: a Warning Event
-    names the refused request instead of the pass failing silently."""
+    names the refused request instead of the pass failing silently; once, not again at every pass
+    that is refused the same way (each spec change, child event, resync and retry posted one)."""
     message = 'imagediffusionservices.imagediffusion.dev "mute" is forbidden: cannot patch resource "status"'
 
     def status_write(request: kmock.Request) -> bool:
@@ -559,3 +561,15 @@ def test_a_status_the_operator_may_no_longer_write_is_told_in_a_warning_event(
     assert warnings[0]["type"] == "Warning"
     assert warnings[0]["message"].startswith(f"the API server refused PATCH {path}: HTTP 403: {message}")
     assert "conditions" not in (kubectl.service("mute") or {}).get("status", {})
+
+    def services_created() -> int:
+        return sum(e["message"] == "Created Service mute" for e in kubectl.events())
+
+    # Two more passes, each refused the status write: deleting the Service is a child event, and the
+    # pass creates it again. kopf posts one Event at a time, in order: the second pass's Created comes
+    # after any Warning of the first.
+    for passes in (2, 3):
+        assert kubectl.client.delete(f"/api/v1/namespaces/{kubectl.ns}/services/mute").status_code == 200
+        created = functools.partial(lambda passes: services_created() >= passes, passes)
+        wait_for(f"the Service created again ({passes})", created, timeout=30)
+    assert len([e for e in kubectl.events() if e["reason"] == c.REASON_API_ERROR]) == 1
