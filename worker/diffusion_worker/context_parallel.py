@@ -17,9 +17,17 @@ notice when rank 0 is gone, and rank 0 must notice when a rank is. Failures:
   the same step) fails that batch only; the ranks are still in step and carry on, and an
   out-of-memory batch is retried smaller by the scheduler, as on one GPU;
 - a call that fails on some ranks only leaves the others blocked in a collective inside the
-  denoiser, which nothing can end; a rank that exits, or ranks still in a batch `grace` seconds
-  after another rank finished or failed it, stop the worker (exit status 70) so that Kubernetes
-  restarts the pod instead of it hanging with its GPUs held.
+  denoiser, which nothing can end; a rank that exits, ranks still in a batch `grace` seconds
+  after another rank finished or failed it, or a batch still running twice --request-timeout
+  after it began (a rank hung without exiting: a wedged GPU or driver call) stop the worker (exit
+  status 70) so that Kubernetes restarts the pod instead of it hanging with its GPUs held.
+
+Start-up ends with one short call at the default size on every rank: diffusers splits each sequence
+the model's plan shards (the image tokens, and Flux's 512 text tokens) evenly over the ranks and
+asserts that it can, so a set-up that can never serve is refused before the port opens, and
+requests for a size whose image tokens the ranks cannot share get a 400 (`ModelInfo.check_splits`).
+The ranks ignore SIGINT and SIGTERM (a stop signal sent to the whole process group is rank 0's to
+act on: it drains, then stops them) and, on Linux, die with rank 0.
 
 Limits: no step callbacks (a rank cannot stop early alone without leaving the others waiting in a
 collective), so cancellation and streamed previews are off.
@@ -28,11 +36,13 @@ collective), so cancellation and streamed previews are off.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
@@ -47,8 +57,11 @@ from diffusion_worker.engine import (
     GenerationBatch,
     KeepGoing,
     ModelLoadError,
+    default_guidance,
+    start_up_batch,
     warm_up,
 )
+from diffusion_worker.logs import describe_error
 from diffusion_worker.pipeline_options import denoiser_of
 from diffusion_worker.previews import PreviewPlan
 from diffusion_worker.settings import WorkerSettings
@@ -61,6 +74,11 @@ COLLECTIVE_TIMEOUT = dt.timedelta(hours=1)
 OUTCOME_GRACE_SECONDS = 120.0
 # The worker's exit status when the ranks fall out of step (EX_SOFTWARE).
 EXIT_OUT_OF_STEP = 70
+# A batch still running this many --request-timeouts after it began is taken for hung: every
+# request in it has had its 504 by then, and a call on the ranks cannot be stopped at a step.
+HUNG_AFTER_REQUEST_TIMEOUTS = 2
+# Linux prctl option: the signal the kernel sends this process when its parent ends.
+PR_SET_PDEATHSIG = 1
 # What the other ranks say at start-up, before any (batch number, error) outcome.
 LOADED = "loaded"
 READY = "ready"
@@ -143,6 +161,7 @@ class _Progress:
     """What rank 0 knows of the batch in hand; guarded by ContextParallelEngine._condition."""
 
     batch: int = 0
+    started: float | None = None  # time.monotonic() when rank 0 handed `batch` out
     running: bool = False  # rank 0's own call for `batch` has not ended
     failed_at: float | None = None  # when another rank first reported failing `batch`
     outcomes: dict[int, str | None] = field(default_factory=dict)  # rank -> error, for `batch`
@@ -169,8 +188,11 @@ class ContextParallelEngine:
         self.ranks = ranks
         self.processes = [rank.process for rank in ranks]
         self.device = engine.device
-        self.info = dataclasses.replace(engine.info, supports_step_callback=False)
+        self.info = dataclasses.replace(
+            engine.info, supports_step_callback=False, context_parallel_size=len(ranks) + 1
+        )
         self.grace = grace
+        self.hung_after: float | None = None  # set by `serve` once start-up is over
         self._stop_worker = stop_worker or exit_worker(self.processes)
         self._condition = threading.Condition()
         self._progress = _Progress()
@@ -187,7 +209,7 @@ class ContextParallelEngine:
             if self._stopped is not None:
                 raise RanksOutOfStepError(self._stopped)
             number = self._progress.batch + 1
-            self._progress = _Progress(batch=number, running=True)
+            self._progress = _Progress(batch=number, started=time.monotonic(), running=True)
         for rank in self.ranks:
             try:
                 rank.batches.send((number, batch))
@@ -222,9 +244,19 @@ class ContextParallelEngine:
             log.warning("batch %d: rank 0 made it, but %s", number, describe(failed))
         return images
 
+    def serve(self, grace: float, hung_after: float) -> None:
+        """Start-up is over: from now on wait `grace` for the ranks' outcomes, and stop the worker
+        when a batch has run `hung_after` without every rank ending it. Start-up's calls wait
+        OUTCOME_GRACE_SECONDS and are never taken for hung: a compile warm-up may take longer than
+        a request may, and a rank still warming its caches may lag behind."""
+        with self._condition:
+            self.grace = grace
+            self.hung_after = hung_after
+
     def _watch(self) -> None:
-        """Read the ranks' outcomes; stop the worker when a rank exits, or when rank 0 is still
-        in a batch `grace` seconds after another rank failed it."""
+        """Read the ranks' outcomes; stop the worker when a rank exits, when rank 0 is still in a
+        batch `grace` seconds after another rank failed it, or when a batch has run past
+        `hung_after` (a rank that hangs without exiting)."""
         by_pipe = {rank.outcomes: rank for rank in self.ranks}
         by_sentinel = {rank.process.sentinel: rank for rank in self.ranks}
         while True:
@@ -251,12 +283,35 @@ class ContextParallelEngine:
                     and time.monotonic() - progress.failed_at > self.grace
                 )
                 failed = progress.failures
+                hung = self._hung(progress)
             if stuck:
                 self._stop(
                     f"rank 0 still in batch {progress.batch} {self.grace:g}s after {describe(failed)}; "
                     "it is blocked in a collective"
                 )
                 return
+            if hung is not None:
+                self._stop(hung)
+                return
+
+    def _hung(self, progress: _Progress) -> str | None:
+        """Why `progress`'s batch is taken for hung, or None. Called with the condition held.
+
+        A rank stopped inside the pipeline (a wedged GPU, a driver call that never returns) neither
+        exits nor reports, and the others wait for it in a collective for COLLECTIVE_TIMEOUT (an
+        hour) while every request times out and /health answers 200."""
+        if self.hung_after is None or progress.started is None:
+            return None
+        age = time.monotonic() - progress.started
+        missing = sorted({rank.number for rank in self.ranks} - set(progress.outcomes))
+        if age <= self.hung_after or not (progress.running or missing):
+            return None
+        still = ([0] if progress.running else []) + missing
+        return (
+            f"batch {progress.batch} has run {age:.0f}s, past {self.hung_after:g}s "
+            f"({HUNG_AFTER_REQUEST_TIMEOUTS}x --request-timeout), and rank(s) {still} have not ended it; "
+            "a rank is hung"
+        )
 
     def _record(self, rank: Rank) -> None:
         try:
@@ -351,6 +406,8 @@ def follow(
     how it ended, until rank 0 says stop or is gone."""
     import torch.distributed as dist
 
+    leave_stop_signals_to_rank_0()
+    die_with_rank_0()
     # Loaded before joining: a rank that cannot load exits while rank 0 waits on a pipe, not in
     # the group's rendezvous (which would wait for it for COLLECTIVE_TIMEOUT).
     engine = DiffusersEngine.load(settings, device)
@@ -376,6 +433,36 @@ def follow(
             outcomes.send((number, error))
     finally:
         dist.destroy_process_group()
+
+
+def leave_stop_signals_to_rank_0() -> None:
+    """Ignore SIGINT and SIGTERM in a rank. Ctrl-C, systemd and `kill -- -PGID` signal the whole
+    process group: a rank that died of it was a rank exiting, and rank 0 stopped the worker (exit
+    70) and dropped the requests it was draining. Rank 0 stops the ranks itself once it has drained."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def die_with_rank_0() -> None:
+    """On Linux, have the kernel SIGKILL this rank when rank 0 ends (PR_SET_PDEATHSIG), best effort.
+
+    An idle rank sees rank 0 go (its pipe closes), but one inside a collective, or hung, would hold
+    its GPU for COLLECTIVE_TIMEOUT. The kernel sends the signal when the thread that started the
+    rank ends: in the worker that is the model-loading thread of asyncio's executor, which lives
+    until the event loop closes, after rank 0 has stopped the ranks."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            log.warning("could not ask to die with rank 0: errno %d", ctypes.get_errno())
+            return
+    except (OSError, AttributeError) as exc:
+        log.warning("could not ask to die with rank 0: %s", exc)
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # rank 0 ended before the prctl
+        os._exit(EXIT_OUT_OF_STEP)
 
 
 def expect(rank: Rank, message: str) -> None:
@@ -487,7 +574,43 @@ def start(
     log.info(
         "context parallel: %d ranks (%s)", settings.context_parallel_size, settings.context_parallel_mode
     )
-    parallel = ContextParallelEngine(engine, ranks, grace=grace, stop_worker=stop_worker)
-    if settings.compile:
-        warm_up(parallel, settings)
+    parallel = ContextParallelEngine(
+        engine, ranks, grace=max(grace, OUTCOME_GRACE_SECONDS), stop_worker=stop_worker
+    )
+    try:
+        check_split(parallel, settings)
+        if settings.compile:
+            warm_up_ranks(parallel, settings)
+    except BaseException:
+        parallel.close()
+        raise
+    parallel.serve(grace, HUNG_AFTER_REQUEST_TIMEOUTS * settings.request_timeout)
     return parallel
+
+
+def check_split(parallel: ContextParallelEngine, settings: WorkerSettings) -> None:
+    """Make one image of WARM_UP_STEPS steps at the default size on every rank; ModelLoadError if
+    it fails. Loading and splitting pass for a set-up whose sequences the ranks cannot share
+    (Flux's 512 text tokens over 3 ranks), and then every request failed with a 500."""
+    work = start_up_batch(parallel, settings, 1, default_guidance(parallel, settings))
+    try:
+        parallel.generate(work)
+    except Exception as exc:
+        ranks = settings.context_parallel_size
+        raise ModelLoadError(
+            f"--context-parallel-size {ranks} ({settings.context_parallel_mode}): a {work.width}x"
+            f"{work.height} image, made at start-up to check the split, failed on the ranks "
+            f"({describe_error(exc)}). diffusers splits each sequence the model's context-parallel plan "
+            f"names (the image tokens, and for Flux its 512 text tokens) evenly over the ranks, so "
+            f"each must be a multiple of {ranks}: choose a --context-parallel-size that divides them"
+        ) from exc
+
+
+def warm_up_ranks(parallel: ContextParallelEngine, settings: WorkerSettings) -> None:
+    """The compile warm-up on every rank; ModelLoadError if it fails."""
+    try:
+        warm_up(parallel, settings)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"--compile: the warm-up on the context-parallel ranks failed ({describe_error(exc)})"
+        ) from exc

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from diffusion_worker import pipeline_options
 from diffusion_worker.device_thread import DeviceThread
-from diffusion_worker.errors import APIError
+from diffusion_worker.errors import APIError, invalid_param
 from diffusion_worker.model_source import ModelSourceError, model_defaults, resolve_model
 from diffusion_worker.previews import CleanLatentTap, PreviewPlan, decode_latents
 from diffusion_worker.protocol import parse_size
@@ -104,13 +104,35 @@ class ModelInfo:
     has_safety_checker: bool = False
     # Width and height must be multiples of this (see `size_multiple`).
     size_multiple: int = 8
+    # Ranks that split each image's tokens between them (--context-parallel-size); 1 without.
+    context_parallel_size: int = 1
 
     def size_from(self, value: str, max_pixels: int) -> tuple[int, int]:
         """`WIDTHxHEIGHT` as this model can make it: within `max_pixels`, both sides multiples of
-        `size_multiple` (a 400 APIError naming `size` otherwise)."""
-        return parse_size(
+        `size_multiple`, and with image tokens the context-parallel ranks can split (a 400
+        APIError naming `size` otherwise)."""
+        size = parse_size(
             value, max_pixels=max_pixels, multiple=self.size_multiple, model=self.pipeline_class
         )
+        self.check_splits(size, value)
+        return size
+
+    def check_splits(self, size: tuple[int, int], value: str) -> None:
+        """Refuse a size whose image tokens the context-parallel ranks cannot share evenly.
+
+        diffusers' context-parallel sharder asserts that each sequence it splits divides by the
+        ranks; a size that does not failed on every rank, as a 500 counted against the device (three
+        in a row took the worker out of rotation). A token is one `size_multiple` square of pixels.
+        """
+        ranks, multiple = self.context_parallel_size, self.size_multiple
+        tokens = (size[0] // multiple) * (size[1] // multiple)
+        if tokens % ranks:
+            raise invalid_param(
+                "size",
+                f"`size` {value.strip()!r} makes {tokens} image tokens ({size[0]}/{multiple} x "
+                f"{size[1]}/{multiple}), which {ranks} context-parallel ranks cannot split evenly: "
+                f"(width/{multiple}) x (height/{multiple}) must be a multiple of {ranks}",
+            )
 
 
 class Engine(Protocol):
@@ -583,11 +605,7 @@ def prepare_engines(engines: Sequence[DiffusersEngine], settings: WorkerSettings
 
 def load_engines(settings: WorkerSettings) -> list[Engine]:
     """One engine per data-parallel rank, or one engine over all context-parallel ranks."""
-    if settings.context_parallel_size > 1:
-        if settings.data_parallel_size > 1:
-            raise ModelLoadError(
-                "--context-parallel-size and --data-parallel-size cannot both be above 1 in this version"
-            )
+    if settings.context_parallel_size > 1:  # alone: WorkerSettings refuses data parallel with it
         from diffusion_worker import context_parallel
 
         return [context_parallel.start(settings)]

@@ -67,6 +67,8 @@ MAX_RETRY_AFTER = 60
 INITIAL_SECONDS_PER_IMAGE = 1.0
 # Weight of the newest batch in the running seconds-per-image estimate.
 SECONDS_PER_IMAGE_WEIGHT = 0.2
+# How long close() waits for the engines' threads when no hung_after_seconds is given.
+CLOSE_WAIT_SECONDS = 60.0
 
 PartialSink = Callable[[int, int, Any], None]
 """Called on the event loop as sink(image_index, partial_image_index, pil_image)."""
@@ -656,13 +658,27 @@ class Scheduler:
         return PreviewPlan(rows_at_step, sink)
 
     def close(self) -> None:
-        """Stop taking work, let the threads finish what is queued, and join them."""
+        """Stop taking work, let the threads finish what is queued, and join them, for at most
+        hung_after_seconds (CLOSE_WAIT_SECONDS without it). A call that never returns (a hung device,
+        a context-parallel rank stopped mid-batch) held SIGTERM's shutdown for good; the threads
+        are daemons, so shutdown goes on without one still in its call then."""
         with self._condition:
             self._closed = True
             self._condition.notify_all()
+        wait = self._hung_after_seconds or CLOSE_WAIT_SECONDS
+        deadline = time.monotonic() + wait
         for slot, thread in zip(self._slots, self._threads, strict=True):
-            if thread.is_alive() and not slot.hung:  # a hung call would hold the shutdown for good
-                thread.join()
+            if not thread.is_alive() or slot.hung:  # a call already taken for hung is not waited for
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.error(
+                    "shutting down without %s (%s): its call has not returned %g s after shutdown began; "
+                    "taking it for hung",
+                    slot.name,
+                    slot.engine.device,
+                    wait,
+                )
 
 
 def _succeed(future: asyncio.Future[list[Any]], results: list[Any]) -> None:

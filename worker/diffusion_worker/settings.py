@@ -253,6 +253,7 @@ class WorkerSettings(BaseSettings):
         description="GPUs that share every image (context parallelism): the worker starts one process "
         "per GPU and splits the denoiser's attention over them. Transformer models with a diffusers "
         "context-parallel plan only (Flux, Qwen-Image, Wan, ...); refused at start-up for others. "
+        "Rank r uses cuda:r: leave --device unset or cuda and pick the GPUs with CUDA_VISIBLE_DEVICES. "
         "Cancellation and streamed previews are off with it.",
     )
     context_parallel_mode: Literal["ulysses", "ring"] = Field(
@@ -284,6 +285,26 @@ class WorkerSettings(BaseSettings):
             )
         if self.presign_endpoint_url is not None and scheme not in ("s3", "s3a"):
             raise ValueError(f"--presign-endpoint-url is for s3:// storage, not {scheme}://")
+        return self
+
+    @model_validator(mode="after")
+    def _context_parallel_alone_on_its_gpus(self) -> WorkerSettings:
+        """Refused here, before storage checks and loading, rather than after minutes of loading.
+        Each rank picks its own GPU (diffusers maps rank r to cuda:(r % the visible count)), so
+        --device cannot choose them; CUDA_VISIBLE_DEVICES can."""
+        if self.context_parallel_size == 1:
+            return self
+        if self.data_parallel_size > 1:
+            raise ValueError(
+                "--context-parallel-size and --data-parallel-size cannot both be above 1 in this version"
+            )
+        if self.device not in (None, "cuda"):
+            raise ValueError(
+                f"--device {self.device!r} cannot be used with --context-parallel-size "
+                f"{self.context_parallel_size}: each rank r runs on cuda:r (diffusers maps rank r to "
+                "cuda:(r % the visible GPU count)); leave --device unset or 'cuda', and choose the GPUs "
+                "with CUDA_VISIBLE_DEVICES"
+            )
         return self
 
     @field_validator("quality_steps", mode="before")

@@ -13,6 +13,9 @@ its own in a subprocess.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from diffusion_worker import context_parallel
 from diffusion_worker.engine import GenerationBatch, ModelLoadError, load_engines
@@ -82,10 +86,10 @@ def test_every_rank_makes_every_batch_and_rank_0_returns_the_images(tiny_model_d
     settings = WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2)
     (single,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
     first, second = batch(["a red circle"], [3], 2), batch(["a cat", "a dog", "a cow"], [4, 5, 6], 3)
-    rank_probe.SUMS.clear()
     engine = context_parallel.start(
         settings, device_for_rank=lambda rank: "cpu", parallelize=rank_probe.all_reduce_each_denoiser_call
     )
+    rank_probe.SUMS.clear()  # start-up's own call (check_split) is not counted
     try:
         assert engine.info.supports_step_callback is False
         images = engine.generate(first) + engine.generate(second)
@@ -177,8 +181,8 @@ def test_context_parallel_needs_one_gpu_per_rank() -> None:
 
 
 def test_context_and_data_parallel_together_are_refused() -> None:
-    with pytest.raises(ModelLoadError, match="cannot both be above 1"):
-        load_engines(WorkerSettings(model="builtin:tiny-sd", context_parallel_size=2, data_parallel_size=2))
+    with pytest.raises(ValidationError, match="cannot both be above 1"):
+        WorkerSettings(model="builtin:tiny-sd", context_parallel_size=2, data_parallel_size=2)
 
 
 @pytest.mark.timeout(600)
@@ -225,12 +229,12 @@ def generate_in_thread(
     [
         (
             1,
-            "rank 0 still in batch 1 3s after rank 1 failed it (ValueError: rank 1 refuses 2 rows); "
+            "rank 0 still in batch 2 3s after rank 1 failed it (ValueError: rank 1 refuses 4 rows); "
             "it is blocked in a collective",
         ),
         (
             0,
-            "rank(s) [1] still in batch 1 3s after rank 0 failed: rank 0 refuses 2 rows; "
+            "rank(s) [1] still in batch 2 3s after rank 0 failed: rank 0 refuses 4 rows; "
             "they are blocked in a collective",
         ),
     ],
@@ -239,10 +243,11 @@ def test_a_batch_one_rank_fails_stops_the_worker_within_the_grace_time(
     tiny_model_dir: Path, failing_rank: int, expected: str
 ) -> None:
     stops = Stops()
-    engine = start_failing(tiny_model_dir, stops, rows=2, ranks=(failing_rank,))
+    # 4 rows: two images with guidance (start-up's own call, batch 1, makes one: 2 rows).
+    engine = start_failing(tiny_model_dir, stops, rows=4, ranks=(failing_rank,))
     try:
         started = time.monotonic()
-        thread, outcome = generate_in_thread(engine, batch(["a red circle"], [3], 2))
+        thread, outcome = generate_in_thread(engine, batch(["a red circle", "a cat"], [3, 4], 2))
         assert stops.asked.wait(GRACE + 30)
         waited = time.monotonic() - started
         assert stops.reasons == [expected]
@@ -266,3 +271,161 @@ def test_the_real_stop_logs_the_reason_and_ends_the_process_with_status_70() -> 
         "context parallel ranks out of step: rank 1 exited (status -9); stopping the worker" in result.stderr
     )
     assert "still here" not in result.stdout
+
+
+def rank_children() -> list[Any]:
+    """The context-parallel ranks this process started that are still running."""
+    return [p for p in multiprocessing.active_children() if p.name.startswith("context-parallel-rank")]
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_that_hangs_without_exiting_stops_the_worker(tiny_model_dir: Path) -> None:
+    """Rank 1 is stopped (SIGSTOP), as a wedged GPU or driver call leaves a rank: it neither exits
+    nor reports, and rank 0 waits for it in a collective. The batch is taken for hung once it has
+    run twice --request-timeout. Before, nothing noticed for the collective timeout (an hour):
+    requests got 504 and /health answered 200."""
+    stops = Stops()
+    engine = context_parallel.start(
+        WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2, request_timeout=5),
+        device_for_rank=lambda rank: "cpu",
+        parallelize=rank_probe.all_reduce_each_denoiser_call,
+        stop_worker=stops,
+    )
+    try:
+        engine.generate(batch(["a red circle"], [3], 2))
+        os.kill(engine.processes[0].pid, signal.SIGSTOP)
+        thread, outcome = generate_in_thread(engine, batch(["a cat"], [4], 2))
+        assert stops.asked.wait(120), "the hung batch was never noticed"
+        [reason] = stops.reasons
+        assert reason.startswith("batch 3 has run ")
+        assert reason.endswith("(2x --request-timeout), and rank(s) [0, 1] have not ended it; a rank is hung")
+    finally:
+        kill_and_close(engine)  # SIGKILL ends a stopped process too
+    thread.join(30)
+    assert isinstance(outcome.get("error"), context_parallel.RanksOutOfStepError)
+
+
+@pytest.mark.timeout(300)
+def test_ranks_leave_stop_signals_to_rank_0(tiny_model_dir: Path) -> None:
+    """Ctrl-C, systemd and `kill -- -PGID` signal the whole process group, ranks included. Rank 0
+    drains and then stops the ranks itself; before, rank 1 died of the signal, and rank 0 stopped
+    the worker (exit 70), dropping the requests it was draining."""
+    stops = Stops()
+    engine = context_parallel.start(
+        WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2),
+        device_for_rank=lambda rank: "cpu",
+        parallelize=rank_probe.all_reduce_each_denoiser_call,
+        stop_worker=stops,
+    )
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            os.kill(engine.processes[0].pid, signum)
+        assert len(engine.generate(batch(["a red circle"], [3], 2))) == 1
+        assert engine.processes[0].is_alive()
+        assert stops.reasons == []
+    finally:
+        engine.close()
+    assert engine.processes[0].exitcode == 0
+
+
+ORPHANED = """
+import os
+import signal
+import sys
+sys.path.insert(0, sys.argv[2])
+from diffusion_worker import context_parallel
+from diffusion_worker.settings import WorkerSettings
+from support import rank_probe
+
+if __name__ == "__main__":
+    engine = context_parallel.start(
+        WorkerSettings(model=sys.argv[1], context_parallel_size=2),
+        device_for_rank=lambda rank: "cpu",
+        parallelize=rank_probe.all_reduce_each_denoiser_call,
+    )
+    rank = engine.processes[0].pid
+    os.kill(rank, signal.SIGSTOP)
+    print(rank, flush=True)
+    os._exit(0)
+"""
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie (dead, not yet reaped by whoever adopted it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.timeout(300)
+def test_a_rank_does_not_outlive_rank_0(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rank 0 ends at once (os._exit, as when it is killed) while rank 1 is stopped (SIGSTOP),
+    standing in for a rank blocked in a collective, which never reads the closed pipe that tells
+    an idle rank rank 0 is gone. The kernel kills it (PR_SET_PDEATHSIG); before, it stayed on,
+    holding its GPU."""
+    script = tmp_path / "orphaned.py"
+    script.write_text(ORPHANED)
+    tests = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_model_dir), str(tests)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rank = int(result.stdout.split()[-1])
+    try:
+        for _ in range(600):
+            if gone(rank):
+                break
+            time.sleep(0.1)
+        assert gone(rank), f"rank 1 (pid {rank}) outlived rank 0"
+    finally:
+        if not gone(rank):
+            os.kill(rank, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_a_compile_warm_up_that_fails_stops_the_ranks_and_fails_start_up(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm-up's four-image batch (8 rows with guidance) fails on every rank. torch.compile
+    itself is switched off (TORCH_COMPILE_DISABLE, which the ranks inherit): compiling takes
+    minutes on a CPU, and what is tested is start-up's handling of the failure. Before, the
+    error left start() as it came, and the ranks were left running."""
+    import torch._dynamo
+
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    stops = Stops()
+    with pytest.raises(
+        ModelLoadError,
+        match=r"--compile: the warm-up on the context-parallel ranks failed "
+        r"\(ValueError: rank 0 refuses 8 rows\)",
+    ):
+        context_parallel.start(
+            WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2, compile=True),
+            device_for_rank=lambda rank: "cpu",
+            parallelize=functools.partial(rank_probe.fail_on_rows, 8, (0, 1)),
+            stop_worker=stops,
+        )
+    assert rank_children() == []
+    assert stops.reasons == []
+
+
+@pytest.mark.timeout(300)
+def test_a_set_up_whose_start_up_call_fails_on_every_rank_is_refused_before_serving(
+    tiny_model_dir: Path,
+) -> None:
+    """Start-up's own call (one image at the default size, 2 rows with guidance) fails on every
+    rank, as diffusers' split does when the ranks cannot share a sequence (stood in here by
+    rank_probe.fail_on_rows: the real case, Flux's 512 text tokens over 3 ring ranks, needs Flux).
+    Before, start-up passed and every request failed."""
+    stops = Stops()
+    with pytest.raises(ModelLoadError, match=r"made at start-up to check the split, failed on the ranks"):
+        start_failing(tiny_model_dir, stops, rows=2, ranks=(0, 1))
+    assert rank_children() == []
+    assert stops.reasons == []
