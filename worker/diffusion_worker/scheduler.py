@@ -476,10 +476,13 @@ class Scheduler:
             self._end_batch(slices)
 
     def _end_batch(self, slices: list[_Slice]) -> None:
-        """The batch's images no longer run; those of requests whose waiter is gone leave the count."""
+        """The batch's images no longer run; those of requests whose waiter is gone leave the count
+        (a job delivered whole was settled by `_deliver`)."""
         with self._condition:
             freed = 0
             for piece in slices:
+                if piece.job.finished == len(piece.job.batch):
+                    continue
                 count = piece.stop - piece.start
                 piece.job.running -= count
                 if piece.job.released:
@@ -629,6 +632,8 @@ class Scheduler:
             with self._condition:
                 piece.job.finished += count
                 done = piece.job.finished == len(piece.job.batch)
+                if done:  # none of its images runs now: the waiter frees them all, as it resumes
+                    piece.job.running = 0
             if done:
                 piece.job.loop.call_soon_threadsafe(_succeed, piece.job.future, piece.job.results)
 

@@ -535,8 +535,14 @@ def test_a_child_the_operator_may_no_longer_read_turns_a_ready_service_stalled(
         "the new spec applied",
         lambda: (kubectl.condition("rbac", "Ready") or {}).get("reason") != c.REASON_API_ERROR,
     )
-    kubectl.mark_deployment_available("rbac", 1)
-    wait_for("Ready=True again", lambda: (kubectl.condition("rbac", "Ready") or {}).get("status") == "True")
+
+    def ready_again() -> bool:
+        # Marked at each look: the Deployment may not yet carry the new spec (a mark made before the
+        # operator applied it is of the older generation, and never counts).
+        kubectl.mark_deployment_available("rbac", 1)
+        return (kubectl.condition("rbac", "Ready") or {}).get("status") == "True"
+
+    wait_for("Ready=True again", ready_again)
 
 
 def test_a_status_the_operator_may_no_longer_write_is_told_in_a_warning_event(

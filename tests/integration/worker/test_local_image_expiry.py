@@ -20,7 +20,7 @@ from support.worker_server import metric_value
 pytestmark = pytest.mark.integration
 
 WorkerFactory = Callable[..., str]
-EXPIRY = 2  # seconds; the sweep then runs every second
+EXPIRY = 5  # seconds (the image must still be there once the request is answered); swept every second
 
 
 def url_image(base: str) -> str:

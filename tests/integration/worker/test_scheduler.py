@@ -276,7 +276,10 @@ def test_an_engine_whose_call_never_returns_leaves_rotation_so_the_pod_restarts(
         refused = post(url, {"prompt": "p", "response_format": "b64_json"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "device_failed"
     finally:
-        engines[0].gate.set()  # let the thread end (the worker's shutdown does not wait for it)
+        engines[0].gate.set()  # let the call end: the worker's shutdown does not wait for it, and a
+        deadline = time.monotonic() + 30  # thread still in torch at exit aborts the interpreter
+        while not engines[0].steps_run and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def test_sigterm_drains_every_accepted_request_then_exits_0(tmp_path: Path, tiny_model_dir: Path) -> None:

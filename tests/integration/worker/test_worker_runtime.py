@@ -317,7 +317,7 @@ def test_idle_connections_outlive_the_clients_keep_alive(tmp_path: Path, tiny_mo
             connection.settimeout(20)
             started = time.monotonic()
             assert connection.recv(4096) == b"", "the worker never closed the idle connection"
-            assert time.monotonic() - started >= 7
+            assert time.monotonic() - started >= 6  # closed at 8 s idle, not the clients' 5 s
 
 
 def test_host_double_colon_answers_on_ipv4_and_ipv6(tmp_path: Path, tiny_model_dir: Path) -> None:

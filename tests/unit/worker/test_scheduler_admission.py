@@ -122,6 +122,30 @@ def test_held_room_is_given_back_when_the_large_request_stops_asking(monkeypatch
     run(scheduler, scenario)
 
 
+def test_a_request_answered_no_longer_counts_towards_the_queue() -> None:
+    """The images went back to the waiter before the engine thread gave back their room: for a
+    moment after a response (longer on a busy machine) the request still counted, and a client that
+    sent its next request then got 429 from an empty worker. The moment is drawn out here: the
+    engine thread pauses before it ends the batch."""
+    engine = TimedEngine(0.0)
+    scheduler = Scheduler(list[Engine]([engine]), max_queue=4, max_batch_size=4, metrics=WorkerMetrics())
+    end_batch = scheduler._end_batch
+
+    def end_batch_late(slices: Any) -> None:
+        time.sleep(0.5)
+        end_batch(slices)
+
+    scheduler._end_batch = end_batch_late  # type: ignore[method-assign]
+
+    async def scenario() -> int:
+        await scheduler.generate(images(4), "first")
+        admitted = scheduler.images_admitted
+        await scheduler.generate(images(4), "next")  # refused with 429 before
+        return admitted
+
+    assert run(scheduler, scenario) == 0
+
+
 def test_retry_after_follows_the_backlog_at_the_measured_speed() -> None:
     """Retry-After was 1 s whatever the backlog: clients came back dozens of times per request."""
     engine = TimedEngine(0.25)
