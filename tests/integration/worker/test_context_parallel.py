@@ -50,14 +50,16 @@ class Stops:
 
 
 def start_failing(
-    tiny_model_dir: Path, stops: Stops, rows: int, ranks: tuple[int, ...]
+    tiny_model_dir: Path, stops: Stops, rows: int, ranks: tuple[int, ...], grace: float = GRACE
 ) -> context_parallel.ContextParallelEngine:
-    """Two CPU ranks whose denoiser call of `rows` rows fails on `ranks`."""
+    """Two CPU ranks whose denoiser call of `rows` rows fails on `ranks`. A test that does not wait
+    for the grace time to pass gives a long one: on a loaded machine a rank may end a batch that
+    both made more than GRACE seconds after the other."""
     return context_parallel.start(
         WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2),
         device_for_rank=lambda rank: "cpu",
         parallelize=functools.partial(rank_probe.fail_on_rows, rows, ranks),
-        grace=GRACE,
+        grace=grace,
         stop_worker=stops,
     )
 
@@ -191,7 +193,9 @@ def test_a_batch_every_rank_fails_fails_alone_and_a_rank_that_exits_stops_the_wo
 ) -> None:
     (single,) = load_engines(WorkerSettings(model=str(tiny_model_dir)))
     stops = Stops()
-    engine = start_failing(tiny_model_dir, stops, rows=8, ranks=(0, 1))
+    engine = start_failing(
+        tiny_model_dir, stops, rows=8, ranks=(0, 1), grace=context_parallel.OUTCOME_GRACE_SECONDS
+    )
     try:
         with pytest.raises(ValueError, match="rank 0 refuses 8 rows"):
             engine.generate(batch(["a", "b", "c", "d"], [1, 2, 3, 4], 2))  # 8 rows with guidance
@@ -286,7 +290,7 @@ def test_a_rank_that_hangs_without_exiting_stops_the_worker(tiny_model_dir: Path
     requests got 504 and /health answered 200."""
     stops = Stops()
     engine = context_parallel.start(
-        WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2, request_timeout=5),
+        WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2, request_timeout=10),
         device_for_rank=lambda rank: "cpu",
         parallelize=rank_probe.all_reduce_each_denoiser_call,
         stop_worker=stops,
