@@ -545,9 +545,11 @@ def batch_limit(engine: Engine, settings: WorkerSettings) -> int:
 
 def warm_up(engine: Engine, settings: WorkerSettings) -> None:
     """Run the calls that make torch.compile build its graphs, before the port opens, so no
-    request pays for them: one image and a full batch (the batch dimension then compiles as
-    dynamic, covering every size between), with and without classifier-free guidance, at the
-    default size. A request at another size compiles once more on first use."""
+    request pays for them: batches of one, two and the most images, with and without
+    classifier-free guidance, at the default size. A batch dimension of 1 is always compiled as a
+    constant, and one seen at a single other size (the --check-max-batch call, a model without
+    guidance) too: the batch of two is what makes it dynamic, covering every size from 2 up. A
+    request at another size compiles once more on first use."""
     import time
 
     guidances = [default_guidance(engine, settings)]
@@ -555,7 +557,7 @@ def warm_up(engine: Engine, settings: WorkerSettings) -> None:
         guidances.append(1.0)
     started = time.perf_counter()
     for guidance in guidances:
-        for size in sorted({1, batch_limit(engine, settings)}):
+        for size in sorted({1, min(2, batch_limit(engine, settings)), batch_limit(engine, settings)}):
             engine.generate(start_up_batch(engine, settings, size, guidance))
     log.info("warmed up the compiled %s in %.1fs", engine.device, time.perf_counter() - started)
 

@@ -117,6 +117,7 @@ class _Job:
     running: int = 0  # images in a batch on an engine right now
     finished: int = 0
     released: bool = False  # the waiter is gone; running images leave the count as their batch ends
+    settled: bool = False  # delivered whole to a waiter still there, which frees every image
     results: list[Any] = field(default_factory=list)
     cancelled: bool = False
     started: bool = False
@@ -477,11 +478,11 @@ class Scheduler:
 
     def _end_batch(self, slices: list[_Slice]) -> None:
         """The batch's images no longer run; those of requests whose waiter is gone leave the count
-        (a job delivered whole was settled by `_deliver`)."""
+        (a job settled by `_deliver` is left alone)."""
         with self._condition:
             freed = 0
             for piece in slices:
-                if piece.job.finished == len(piece.job.batch):
+                if piece.job.settled:
                     continue
                 count = piece.stop - piece.start
                 piece.job.running -= count
@@ -632,8 +633,9 @@ class Scheduler:
             with self._condition:
                 piece.job.finished += count
                 done = piece.job.finished == len(piece.job.batch)
-                if done:  # none of its images runs now: the waiter frees them all, as it resumes
+                if done and not piece.job.released:  # the waiter, about to resume, frees them all
                     piece.job.running = 0
+                    piece.job.settled = True
             if done:
                 piece.job.loop.call_soon_threadsafe(_succeed, piece.job.future, piece.job.results)
 

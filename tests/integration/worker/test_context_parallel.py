@@ -397,18 +397,21 @@ def test_a_compile_warm_up_that_fails_stops_the_ranks_and_fails_start_up(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The warm-up's four-image batch (8 rows with guidance) fails on every rank. torch.compile
-    itself is switched off (TORCH_COMPILE_DISABLE, which the ranks inherit): compiling takes
-    minutes on a CPU, and what is tested is start-up's handling of the failure. Before, the
-    error left start() as it came, and the ranks were left running."""
+    itself is switched off (TORCH_COMPILE_DISABLE for the ranks, which read it at import; dynamo's
+    own patch for this process, undone after, as later tests compile): compiling takes minutes on
+    a CPU, and what is tested is start-up's handling of the failure. Before, the error left
+    start() as it came, and the ranks were left running."""
     import torch._dynamo
 
     monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     stops = Stops()
-    with pytest.raises(
-        ModelLoadError,
-        match=r"--compile: the warm-up on the context-parallel ranks failed "
-        r"\(ValueError: rank 0 refuses 8 rows\)",
+    with (
+        torch._dynamo.config.patch(disable=True),
+        pytest.raises(
+            ModelLoadError,
+            match=r"--compile: the warm-up on the context-parallel ranks failed "
+            r"\(ValueError: rank 0 refuses 8 rows\)",
+        ),
     ):
         context_parallel.start(
             WorkerSettings(model=str(tiny_model_dir), context_parallel_size=2, compile=True),

@@ -115,6 +115,46 @@ def test_compile_builds_its_graphs_at_load_so_requests_at_the_default_size_compi
         assert np.abs(pixels(ours) - pixels(reference)).max() <= 1
 
 
+def test_compile_warm_up_leaves_no_batch_size_to_compile_for_a_model_run_without_guidance(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model without classifier-free guidance (FLUX; here the tiny UNet at guidance 1), with the
+    --check-max-batch call first, as on a GPU: the warm-up's batches of 4 and 1 each compiled a
+    graph of their own size, and the first request batch of 2 or 3 compiled a third (minutes, for
+    FLUX at 1024 on an H100), as the GPU benchmark's review found. The "eager" backend, as above."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from diffusion_worker import pipeline_options
+
+    monkeypatch.setattr(pipeline_options, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    settings = WorkerSettings(
+        model=str(tiny_model_dir),
+        compile=True,
+        max_batch_size=4,
+        check_max_batch="on",
+        default_guidance_scale=1.0,
+        default_inference_steps=2,
+    )
+    (compiled,) = load_engines(settings)
+    graphs_after_load = counters["stats"]["unique_graphs"]
+    for count in (3, 2):
+        compiled.generate(
+            GenerationBatch(
+                prompts=["a red circle"] * count,
+                negative_prompts=None,
+                width=64,
+                height=64,
+                num_inference_steps=2,
+                guidance_scale=1.0,
+                seeds=list(range(count)),
+            )
+        )
+        assert counters["stats"]["unique_graphs"] == graphs_after_load, f"a batch of {count} compiled"
+
+
 def test_compile_mode_is_passed_to_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stand-in denoiser records the call: the mode reaches torch.compile, "default" as None."""
     from diffusion_worker import pipeline_options
