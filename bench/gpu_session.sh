@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call for issue 7: install the wheels bench/gpu_wheels.sh fetched into .whl/, check
-# the stack imports, run the opt-in GPU tests (correctness: a real CUDA out-of-memory split;
-# context parallel when there are two GPUs), then bench/gpu.py for MODELS within what is left of
-# SESSION seconds. The device returns at most 8 files from $OUT, so it gets five: pip.log,
+# the stack imports, run bench/gpu.py for MODELS (correctness, then timings), then the opt-in GPU
+# tests (a real CUDA out-of-memory split; context parallel when there are two GPUs) in what is
+# left of SESSION seconds. The device returns at most 8 files from $OUT, so it gets five: pip.log,
 # nvidia-smi.txt, gpu-tests.log, the result JSON (rewritten after every phase, so a run cut short
 # keeps what it finished) and logs.tar.gz (the worker logs, packed at the end).
 #
@@ -20,6 +20,10 @@ PYTHON=${PYTHON:-python3}
 MODELS=${MODELS:-sd15}
 # Seconds the whole script may take: the device call's 600 s, less time to pack the logs.
 SESSION=${SESSION:-570}
+# Of those, seconds kept for the GPU tests after the benchmark, and between the benchmark's planning
+# deadline and its hard stop.
+TESTS_RESERVE=${TESTS_RESERVE:-60}
+STOP_MARGIN=${STOP_MARGIN:-10}
 LOGS=$(mktemp -d)
 export HF_HUB_OFFLINE=1
 started=$(date +%s)
@@ -51,24 +55,29 @@ fi
 "$PYTHON" -c "import os, sysconfig, sys; h = os.path.join(sysconfig.get_paths()['include'], 'Python.h')
 sys.exit(0 if os.path.exists(h) else f'warning: no {h}: compiled phases will fail')"
 
-# The device's own pytest plugins (xdist, cov, benchmark, hypothesis, ...) would load, in versions
-# nobody chose, next to the carried pytest: autoload none, and load the one the tests need by name
-# (pytest-timeout: pyproject's `timeout = 300`, and @pytest.mark.timeout under --strict-markers).
-PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 90 "$PYTHON" -m pytest -p pytest_timeout -p no:cacheprovider \
-    -m gpu tests/gpu -q -rs >"$OUT/gpu-tests.log" 2>&1
-echo "gpu tests: exit $? after $(elapsed) s (last lines of $OUT/gpu-tests.log:)"
-tail -n 6 "$OUT/gpu-tests.log"
-
 model_args=()
 for model in $MODELS; do model_args+=(--model "$model"); done
 # The benchmark's deadline is this script's end, so its own start-up (imports, CUDA) counts too;
 # BUDGET, if set, caps it further (seconds from the benchmark's start).
 # shellcheck disable=SC2086  # BENCH_ARGS holds several flags
-# A hard stop at the session's end too (a phase the estimates got wrong): the phases it finished
-# are in the result file already, and the logs still get packed below.
-timeout --kill-after=5 $((SESSION - $(elapsed))) \
-    "$PYTHON" bench/gpu.py "${model_args[@]}" --end-at $((started + SESSION)) --time-budget "${BUDGET:-0}" \
-    --out "$OUT" --log-dir "$LOGS" ${BENCH_ARGS:-}
+# A hard stop too (a phase the estimates got wrong), STOP_MARGIN after the deadline the benchmark
+# plans by, so that its last phase's record is written first: the phases it finished are in the
+# result file already, and the logs still get packed below. The GPU tests get TESTS_RESERVE.
+bench_end=$((started + SESSION - TESTS_RESERVE))
+timeout --kill-after=5 $((bench_end + STOP_MARGIN - $(date +%s))) \
+    "$PYTHON" bench/gpu.py "${model_args[@]}" --end-at $((bench_end - STOP_MARGIN)) \
+    --time-budget "${BUDGET:-0}" --out "$OUT" --log-dir "$LOGS" ${BENCH_ARGS:-}
 echo "bench/gpu.py: exit $? after $(elapsed) s (session $SESSION s)"
+
+# After the benchmark (its own correctness check, the worker's image against raw diffusers', comes
+# first within it), in what is left: run before it, their 30-90 s could cost the compiled phase.
+# The device's own pytest plugins (xdist, cov, benchmark, hypothesis, ...) would load, in versions
+# nobody chose, next to the carried pytest: autoload none, and load the one the tests need by name
+# (pytest-timeout: pyproject's `timeout = 300`, and @pytest.mark.timeout under --strict-markers).
+tests_left=$((SESSION - $(elapsed)))
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout $((tests_left > 20 ? tests_left : 20)) "$PYTHON" -m pytest \
+    -p pytest_timeout -p no:cacheprovider -m gpu tests/gpu -q -rs >"$OUT/gpu-tests.log" 2>&1
+echo "gpu tests: exit $? after $(elapsed) s (last lines of $OUT/gpu-tests.log:)"
+tail -n 6 "$OUT/gpu-tests.log"
 tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
 ls -l "$OUT"
