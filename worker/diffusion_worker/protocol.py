@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import typing
 from typing import Any, Literal
@@ -26,6 +27,9 @@ MAX_PARTIAL_IMAGES = 3
 
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 FILE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+# The longest side each encoder can write (libwebp: 16383, libjpeg: 65500; PNG: 2^31 - 1); a
+# larger one failed in Pillow after the whole generation, as a 500 that clients retried.
+MAX_SIDE: dict[str, int] = {"webp": 16383, "jpeg": 65500}
 
 
 def unicode_text(value: Any) -> Any:
@@ -68,8 +72,14 @@ class NvExt(BaseModel):
     _unicode_text = field_validator("*", mode="before")(unicode_text)
 
 
+# nvext field names sent at the top level (as clients written for other servers send them) are
+# refused: ignored, a top-level `seed` looked set and was not.
+NVEXT_FIELDS: frozenset[str] = frozenset(NvExt.model_fields)
+
+
 class ImageGenerationRequest(BaseModel):
-    """Body of `POST /v1/images/generations`. Unknown top-level fields are ignored with a warning.
+    """Body of `POST /v1/images/generations`. Unknown top-level fields are ignored with a warning,
+    except nvext field names (`seed`, ...), which serving refuses (see NVEXT_FIELDS).
 
     Integers are strict: lax parsing read "2", true and 2.0 as 2, so a client that sends the wrong
     type got a request it did not mean instead of a 400 (the openai client sends JSON integers)."""
@@ -195,6 +205,18 @@ def parse_size(
     return width, height
 
 
+def check_size_for_format(size: tuple[int, int], output_format: str) -> None:
+    """400 naming `size` when `output_format`'s encoder cannot write an image that large."""
+    limit = MAX_SIDE.get(output_format)
+    if limit is not None and max(size) > limit:
+        raise invalid_param(
+            "size",
+            f"`size` {format_size(size)!r} is too large for `output_format` {output_format!r}: "
+            f"{output_format} images are at most {limit} pixels a side",
+            code="size_too_large",
+        )
+
+
 def format_size(size: tuple[int, int]) -> str:
     """(width, height) -> `WIDTHxHEIGHT`."""
     return f"{size[0]}x{size[1]}"
@@ -203,3 +225,19 @@ def format_size(size: tuple[int, int]) -> str:
 def image_object(response_format: ResponseFormat, value: str) -> dict[str, Any]:
     """One entry of `data`: the url or the base64 PNG, plus `revised_prompt: null`."""
     return {response_format: value, "revised_prompt": None}
+
+
+def render_json(content: Any) -> bytes:
+    """`content` as JSONResponse renders it (compact UTF-8 JSON, the same bytes), built member by
+    member: json.dumps holds the GIL for a whole call, so one call on a response of ten 2048x2048
+    images (160 MB) held it for 0.44 s; a thread running this lets the event loop in between."""
+    if isinstance(content, dict) and all(isinstance(key, str) for key in content):
+        members = [_dumps(key) + b":" + render_json(value) for key, value in content.items()]
+        return b"{" + b",".join(members) + b"}"
+    if isinstance(content, list | tuple):
+        return b"[" + b",".join(render_json(item) for item in content) + b"]"
+    return _dumps(content)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")

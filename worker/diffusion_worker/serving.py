@@ -20,7 +20,9 @@ from diffusion_worker.protocol import (
     CONTENT_TYPES,
     FILE_EXTENSIONS,
     MAX_SEED,
+    NVEXT_FIELDS,
     ImageGenerationRequest,
+    check_size_for_format,
     format_size,
     image_object,
 )
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 
 # Retry-After of a 503 out_of_memory (a 429's comes from the scheduler's backlog estimate).
 RETRY_AFTER_SECONDS = 1
+# On a 502 storage_unavailable: the images are lost, and the official OpenAI clients would retry
+# the 5xx twice, three full generations for one call; they honour this header (the store has
+# already retried its writes, see storage.WRITE_RETRY_DELAYS).
+DO_NOT_RETRY = {"x-should-retry": "false"}
 MAX_LOGGED_NAMES = 10
 MAX_LOGGED_NAME = 64
 # Steps per `quality`, as a multiple of the default step count D (see README); capped at the limit.
@@ -159,6 +165,14 @@ class ImageGenerationService:
     def build_batch(self, request: ImageGenerationRequest) -> GenerationBatch:
         """Apply limits and defaults; every rejection names the offending parameter."""
         settings = self.settings
+        misplaced = sorted(NVEXT_FIELDS.intersection(request.model_extra or {}))
+        if misplaced:
+            name = misplaced[0]
+            raise invalid_param(
+                name,
+                f"`{name}` is not a top-level parameter; did you mean `nvext.{name}`?",
+                code="unknown_parameter",
+            )
         if request.model_extra:
             # Names come from the client: repr() keeps newlines and control characters out of the log.
             names = sorted(request.model_extra)
@@ -188,6 +202,7 @@ class ImageGenerationService:
         size = self.defaults.size
         if request.size is not None and request.size != "auto":
             size = self.info.size_from(request.size, settings.max_pixels)
+        check_size_for_format(size, request.output_format or "png")
         nvext = request.nvext
         steps = self.defaults.quality_steps[request.quality or "auto"]
         guidance = self.defaults.guidance_scale
@@ -501,6 +516,7 @@ class ImageGenerationService:
                 f"(request id {request_id})",
                 type="storage_error",
                 code="storage_unavailable",
+                headers=DO_NOT_RETRY,
             ) from exc
         return [image_object("url", url) for url in urls]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hashlib
 import logging
 import os
 import re
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ANONYMOUS = "anonymous"
 MAX_USER_LENGTH = 64
+USER_HASH_LENGTH = 12  # hex digits of sha256 that tell apart ids sanitised to the same text
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 GCS_PROTOCOLS = {"gs", "gcs"}
 PRESIGNING_PROTOCOLS = {"s3", "s3a", *GCS_PROTOCOLS}
@@ -30,6 +33,15 @@ PRESIGNING_PROTOCOLS = {"s3", "s3a", *GCS_PROTOCOLS}
 UPLOAD_THREADS = 8
 # How often expired images are looked for, at most (and at least every url_expiry_seconds / 4).
 EXPIRY_SWEEP_SECONDS = 300.0
+# Seconds before each retry of a write that failed transiently (see _transient), while the request
+# still waits: --storage-timeout bounds them, since a request that gives up abandons the upload.
+# A lost write is costly (the 502 tells clients not to retry, and the images are gone).
+WRITE_RETRY_DELAYS = (0.25, 1.0)
+# Their libraries retry each request themselves (botocore and s3fs, gcsfs): not retried again.
+SELF_RETRYING_PROTOCOLS = {"s3", "s3a", *GCS_PROTOCOLS}
+# OSErrors that may pass (an NFS server restarting, a busy file); a full disk or a missing
+# permission does not, and is not retried.
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ESTALE, errno.ETIMEDOUT}
 StoreItem = tuple[str, bytes, str]  # key below the storage root, data, content type
 
 
@@ -97,6 +109,11 @@ def _unreachable(exc: BaseException | None) -> bool:
     return False
 
 
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed write may succeed if tried again soon."""
+    return _unreachable(exc) or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS)
+
+
 def check_at_start(make_store: Callable[[], ImageStore], timeout: float) -> str | None:
     """Why the worker cannot store images, or None. A store it cannot set up or may not write
     (unknown scheme, no credentials, a wrong key, no such bucket) is a reason not to start; one
@@ -159,11 +176,20 @@ def gcs_signed_url(fs: Any, path: str, expiration: int) -> str:
 
 
 def sanitize_user(user: str | None) -> str:
-    """A single safe path segment for `user`: no separators, no dot-only names, bounded length."""
+    """A single safe path segment for `user`: no separators, no dot-only names, bounded length.
+
+    A safe id is its own folder. Any other ends with a hash of the whole id, so two ids that
+    sanitise alike (`alice@example.com`, `alice_example.com`; ids equal in their first 64
+    characters) never share a folder, and with it deletion, lifecycle rules or ACLs."""
     if not user:
         return ANONYMOUS
-    segment = _UNSAFE.sub("_", user).strip(".")[:MAX_USER_LENGTH]
-    return segment or ANONYMOUS
+    segment = _UNSAFE.sub("_", user).strip(".")
+    if segment == user and len(segment) <= MAX_USER_LENGTH:
+        return segment
+    digest = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:USER_HASH_LENGTH]
+    if not segment:
+        return digest
+    return f"{segment[: MAX_USER_LENGTH - USER_HASH_LENGTH - 1]}-{digest}"
 
 
 def image_key(user: str | None, request_id: str, index: int, extension: str) -> str:
@@ -239,7 +265,7 @@ class ImageStore:
                 # Listed before the write: one that fails part-way (a full disk) leaves a truncated
                 # file, which the worker would otherwise go on serving.
                 written.append(self._path(key))
-                self._write(key, data, content_type)
+                self._write_retrying(key, data, content_type, upload)
                 if upload is not None and upload.abandoned:
                     raise UploadAbandonedError("the request stopped waiting")
             urls = [self.url_for(key, request_base_url) for key, _, _ in items]
@@ -261,6 +287,30 @@ class ImageStore:
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
+
+    def _write_retrying(self, key: str, data: bytes, content_type: str, upload: Upload | None) -> None:
+        """`_write`, tried again after each of WRITE_RETRY_DELAYS while it fails transiently and the
+        request still waits for it (a retried write overwrites what the failed one left)."""
+        delays = () if self.protocol in SELF_RETRYING_PROTOCOLS else WRITE_RETRY_DELAYS
+        for retry, delay in enumerate(delays, start=1):
+            try:
+                self._write(key, data, content_type)
+                return
+            except Exception as exc:
+                if not _transient(exc) or (upload is not None and upload.abandoned):
+                    raise
+                log.warning(  # the file name only: the key's folder names the user
+                    "write of image %s failed (%s); retry %d of %d in %.2f s",
+                    key.rsplit("/", 1)[-1],
+                    describe_error(exc),
+                    retry,
+                    len(delays),
+                    delay,
+                )
+            time.sleep(delay)
+            if upload is not None and upload.abandoned:
+                raise UploadAbandonedError("the request stopped waiting")
+        self._write(key, data, content_type)
 
     def _write(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 from collections.abc import Callable
 from urllib.parse import urlparse
 
@@ -12,6 +14,8 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
+
+from support.worker_server import metric_value
 
 pytestmark = pytest.mark.integration
 
@@ -295,6 +299,96 @@ def test_oversized_body_gets_413(worker_url: str) -> None:
     # Refused before routing, still counted under its route, not with unknown paths.
     exposed = httpx.get(f"{worker_url}/metrics").text
     assert 'diffusion_worker_requests_total{route="/v1/images/generations",status="413"}' in exposed
+
+
+def test_two_users_whose_ids_sanitise_alike_get_folders_of_their_own(client: openai.OpenAI) -> None:
+    """`alice@example.com` and `alice_example.com` once shared one folder, and so its deletion,
+    lifecycle rules and ACLs; a safe id still names its folder exactly."""
+    folders = {}
+    for user in ("alice@example.com", "alice_example.com", "alice"):
+        response = client.images.generate(
+            prompt="p", user=user, extra_body={"nvext": {"num_inference_steps": 1}}
+        )
+        url = (response.data or [])[0].url
+        assert url is not None and httpx.get(url).status_code == 200
+        folders[user] = urlparse(url).path.removeprefix("/v1/images/files/").split("/")[1]
+    assert len(set(folders.values())) == 3
+    assert folders["alice"] == "alice"
+    assert folders["alice@example.com"].startswith("alice_example.com-")
+
+
+@pytest.mark.parametrize(
+    ("output_format", "size", "limit"), [("webp", "16384x8", "16383"), ("jpeg", "65504x8", "65500")]
+)
+def test_a_size_the_output_format_cannot_encode_is_a_400_before_any_image_is_made(
+    client: openai.OpenAI, worker_url: str, output_format: str, size: str, limit: str
+) -> None:
+    """It used to be made, then refused by Pillow: a 500 the client retried, three generations."""
+    made = metric_value(worker_url, "diffusion_worker_images_generated_total")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(
+            prompt="p",
+            size=size,  # type: ignore[arg-type]
+            output_format=output_format,  # type: ignore[arg-type]
+            response_format="b64_json",
+            extra_body={"nvext": {"num_inference_steps": 1}},
+        )
+    error = caught.value
+    assert (error.param, error.code) == ("size", "size_too_large")
+    assert output_format in error.message and limit in error.message
+    assert metric_value(worker_url, "diffusion_worker_images_generated_total") == made
+
+
+@pytest.mark.parametrize("name", ["seed", "negative_prompt", "num_inference_steps", "guidance_scale"])
+def test_an_nvext_field_at_the_top_level_is_a_400_pointing_at_nvext(
+    client: openai.OpenAI, worker_url: str, name: str
+) -> None:
+    """Clients written for other servers send `seed` at the top level; ignored, it looked set."""
+    value = "blurry" if name == "negative_prompt" else 4
+    made = metric_value(worker_url, "diffusion_worker_images_generated_total")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="p", response_format="b64_json", extra_body={name: value})
+    error = caught.value
+    assert (error.param, error.code) == (name, "unknown_parameter")
+    assert f"did you mean `nvext.{name}`?" in error.message
+    assert metric_value(worker_url, "diffusion_worker_images_generated_total") == made
+
+
+def test_the_json_of_b64_images_is_rendered_off_the_event_loop(
+    worker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """json.dumps holds the GIL for a whole call: a response of ten 2048x2048 images, rendered at
+    once on the event loop, stalled every request (/health included) for 0.44 s. Every
+    json.dumps made on the event loop thread is recorded; none may carry an image."""
+    dumps = json.dumps
+    on_the_loop: list[str] = []
+
+    def recording_dumps(obj: object, *args: object, **kwargs: object) -> str:
+        text = dumps(obj, *args, **kwargs)  # type: ignore[arg-type]
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return text
+        on_the_loop.append(text)
+        return text
+
+    monkeypatch.setattr(json, "dumps", recording_dumps)
+    body = {"prompt": "p", "n": 2, "size": "64x64", "response_format": "b64_json"}
+    response = httpx.post(
+        f"{worker_url}/v1/images/generations", json={**body, "nvext": {"num_inference_steps": 1}}, timeout=60
+    )
+    monkeypatch.undo()
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    parsed = response.json()
+    # The bytes JSONResponse gave: compact, UTF-8, keys in the documented order.
+    assert response.content == dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
+    assert list(parsed) == [
+        "created", "data", "size", "quality", "output_format", "background", "safety_identifier", "nvext"
+    ]  # fmt: skip
+    images = [item["b64_json"] for item in parsed["data"]]
+    assert len(images) == 2
+    assert not [text for text in on_the_loop if any(image in text for image in images)]
 
 
 def test_unknown_top_level_fields_are_ignored(client: openai.OpenAI) -> None:

@@ -1,4 +1,5 @@
-"""`response_format=url` when storage misbehaves: stuck uploads, the upload timeout, a failed presign.
+"""`response_format=url` when storage misbehaves: stuck uploads, the upload timeout, a failed presign,
+a local storage folder the worker cannot write.
 
 The worker, its tiny model and uvicorn are real. The storage back ends are fsspec's own in-memory
 file system with one thing changed: writes that wait at a gate (a black-holed endpoint the test
@@ -13,14 +14,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, ClassVar
 
 import fsspec
 import httpx
+import openai
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from diffusion_worker.storage import UPLOAD_THREADS
+from support.worker_server import metric_value
 
 pytestmark = pytest.mark.integration
 
@@ -168,3 +172,28 @@ def test_failed_presign_removes_the_images_and_keeps_storage_details_out_of_the_
     assert failed.headers["x-request-id"] in error["message"]
     assert UnsignableMemoryFileSystem.store == {}, "images of a failed request were left in storage"
     assert "secret-bucket" in caplog.text, "the details belong in the worker log"
+
+
+def test_a_failed_upload_tells_the_official_client_not_to_retry_it(
+    start_worker: WorkerFactory, tmp_path: Path
+) -> None:
+    """Its images are lost, so a retry makes them again: the openai client's two default retries of a
+    5xx cost three generations per call. `x-should-retry: false` stops them."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "users").write_text("a file where the users folder must go")  # a real failed write
+    url = start_worker()
+    sent: list[httpx.Request] = []
+    client = openai.OpenAI(
+        base_url=f"{url}/v1",
+        api_key="unused",  # max_retries left at the client's default (2)
+        http_client=httpx.Client(event_hooks={"request": [sent.append]}),
+    )
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.images.generate(prompt="p", size="64x64", extra_body={"nvext": {"num_inference_steps": 1}})
+    failed = caught.value
+    assert failed.status_code == 502 and failed.code == "storage_unavailable"
+    assert failed.response.headers["x-should-retry"] == "false"
+    assert len(sent) == 1
+    assert metric_value(url, "diffusion_worker_images_generated_total") == 1
+    assert metric_value(url, 'diffusion_worker_failed_requests_total{reason="storage"}') == 1

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.responses import JSONResponse
 from openai.types.image_generate_params import ImageGenerateParamsBase
 from pydantic import ValidationError
 
 from diffusion_worker.errors import APIError
-from diffusion_worker.protocol import ImageGenerationRequest, format_size, image_object, parse_size
+from diffusion_worker.protocol import (
+    ImageGenerationRequest,
+    format_size,
+    image_object,
+    parse_size,
+    render_json,
+)
 
 
 @pytest.mark.parametrize(
@@ -137,3 +144,18 @@ def test_parse_size_takes_only_ascii_digits_and_nothing_after(text: str) -> None
     with pytest.raises(APIError) as caught:
         parse_size(text, max_pixels=2048 * 2048)
     assert caught.value.param == "size" and "WIDTHxHEIGHT" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {
+            "created": 1,
+            "data": [{"b64_json": "iVBORw0KGgo+/=", "revised_prompt": None}],
+            "nvext": {"seeds": [7, 8]},
+        },
+        {"safety_identifier": 'ü "quoted"\n', "n": 1.5, "empty": {}, "none": [], "flag": True},
+    ],
+)
+def test_render_json_gives_the_bytes_jsonresponse_would(content: dict[str, object]) -> None:
+    assert render_json(content) == JSONResponse(content).body

@@ -193,3 +193,28 @@ def test_quality_steps_above_the_cap_are_lowered_with_a_warning_naming_quality_a
     (record,) = caplog.records
     message = record.getMessage()
     assert "low" in message and "80" in message and "--max-inference-steps (50)" in message
+
+
+@pytest.mark.parametrize("name", ["seed", "negative_prompt", "num_inference_steps", "guidance_scale"])
+def test_an_nvext_field_sent_at_the_top_level_is_a_400_naming_nvext(tmp_path: Path, name: str) -> None:
+    """Ignored, a top-level `seed` looked set: the images came with random seeds."""
+    with pytest.raises(APIError) as caught:
+        service(tmp_path).build_batch(request(**{name: 1, "nvext": {"num_inference_steps": 2}}))
+    refused = caught.value
+    assert (refused.status_code, refused.param, refused.code) == (400, name, "unknown_parameter")
+    assert f"did you mean `nvext.{name}`?" in refused.message
+
+
+@pytest.mark.parametrize(
+    ("output_format", "size", "limit"), [("webp", "16384x8", 16383), ("jpeg", "8x65504", 65500)]
+)
+def test_a_size_the_output_format_cannot_encode_is_a_400_naming_size_and_format(
+    tmp_path: Path, output_format: str, size: str, limit: int
+) -> None:
+    svc = service(tmp_path, max_pixels=65504 * 8)
+    with pytest.raises(APIError) as caught:
+        svc.build_batch(request(size=size, output_format=output_format))
+    refused = caught.value
+    assert (refused.status_code, refused.param, refused.code) == (400, "size", "size_too_large")
+    assert f"`output_format` {output_format!r}" in refused.message and str(limit) in refused.message
+    assert len(svc.build_batch(request(size=size, output_format="png"))) == 1

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -11,9 +14,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from diffusion_worker.storage import ImageStore, StorageError, Upload, image_key, sanitize_user
+from diffusion_worker import storage
+from diffusion_worker.storage import (
+    MAX_USER_LENGTH,
+    USER_HASH_LENGTH,
+    ImageStore,
+    StorageError,
+    Upload,
+    image_key,
+    sanitize_user,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,20 +36,45 @@ from diffusion_worker.storage import ImageStore, StorageError, Upload, image_key
         ("", "anonymous"),
         ("alice", "alice"),
         ("a.b-c_d", "a.b-c_d"),
-        ("..", "anonymous"),
+        ("x" * 64, "x" * 64),
+    ],
+)
+def test_a_safe_user_id_is_its_own_folder(user: str | None, expected: str) -> None:
+    assert sanitize_user(user) == expected
+
+
+@pytest.mark.parametrize(
+    ("user", "readable"),
+    [
+        ("..", ""),
         ("../../etc", "_.._etc"),
         ("/abs", "_abs"),
         ("x\\y", "x_y"),
         ("a/b", "a_b"),
         ("\x00", "_"),
         ("ünï", "_n_"),
-        ("x" * 100, "x" * 64),
+        ("x" * 100, "x" * 51),
     ],
 )
-def test_sanitize_user_gives_one_safe_segment(user: str | None, expected: str) -> None:
+def test_an_unsafe_user_id_gives_one_safe_segment_ending_in_its_hash(user: str, readable: str) -> None:
     segment = sanitize_user(user)
-    assert segment == expected
+    digest = hashlib.sha256(user.encode()).hexdigest()[:USER_HASH_LENGTH]
+    assert segment == (f"{readable}-{digest}" if readable else digest)
     assert "/" not in segment and segment not in (".", "..") and not segment.startswith(".")
+    assert len(segment) <= MAX_USER_LENGTH and sanitize_user(segment) == segment
+
+
+@pytest.mark.parametrize(
+    "users",
+    [
+        ("alice@example.com", "alice_example.com", "alice example.com"),
+        ("x" * 64, "x" * 64 + "a", "x" * 64 + "b"),
+        ("..", "...", "_"),
+    ],
+)
+def test_user_ids_that_sanitise_alike_get_folders_of_their_own(users: tuple[str, ...]) -> None:
+    """One folder per id: per-user deletion, lifecycle rules and ACLs must not mix users."""
+    assert len({sanitize_user(user) for user in users}) == len(users)
 
 
 def test_image_key_layout() -> None:
@@ -84,6 +122,84 @@ def test_failed_write_removes_what_was_written(tmp_path: Path) -> None:
             [("r/0.png", b"zero", "image/png"), ("r/1.png", b"one", "image/png")], "http://h/"
         )
     assert not (tmp_path / "r" / "0.png").exists()
+
+
+class FlakyLocalFileSystem(LocalFileSystem):
+    """The real local file system, whose first `failures` writes raise `error` (an NFS hiccup)."""
+
+    def __init__(self, error: OSError, failures: int) -> None:
+        super().__init__(skip_instance_cache=True)
+        self.error, self.failures, self.attempts = error, failures, 0
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise self.error
+        super().pipe_file(path, value, mode, **kwargs)
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "WRITE_RETRY_DELAYS", (0.0, 0.0))
+
+
+@pytest.mark.usefixtures("quick_retries")
+def test_a_write_that_fails_transiently_is_retried_and_each_retry_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = store_at(tmp_path)
+    store.fs = flaky = FlakyLocalFileSystem(OSError(errno.EIO, "Input/output error"), failures=2)
+    with caplog.at_level(logging.WARNING, logger="diffusion_worker.storage"):
+        urls = store.write_and_sign([("users/u/generations/r/0.png", b"png", "image/png")], "http://h/")
+    assert urls == ["http://h/v1/images/files/users/u/generations/r/0.png"]
+    assert (tmp_path / "users/u/generations/r/0.png").read_bytes() == b"png"
+    assert flaky.attempts == 3
+    retries = [record.getMessage() for record in caplog.records]
+    assert len(retries) == 2 and "retry 1 of 2" in retries[0] and "retry 2 of 2" in retries[1]
+    assert all("Input/output error" in message and "/u/" not in message for message in retries)
+
+
+@pytest.mark.usefixtures("quick_retries")
+def test_a_write_that_keeps_failing_transiently_gives_up_after_the_retries(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    store.fs = flaky = FlakyLocalFileSystem(OSError(errno.ESTALE, "Stale file handle"), failures=10)
+    with pytest.raises(StorageError, match="Stale file handle"):
+        store.write_and_sign([("r/0.png", b"png", "image/png")], "http://h/")
+    assert flaky.attempts == 1 + len(storage.WRITE_RETRY_DELAYS)
+
+
+@pytest.mark.usefixtures("quick_retries")
+@pytest.mark.parametrize(
+    "error", [PermissionError(errno.EACCES, "Permission denied"), OSError(errno.ENOSPC, "No space left")]
+)
+def test_a_write_that_cannot_succeed_is_not_retried(tmp_path: Path, error: OSError) -> None:
+    store = store_at(tmp_path)
+    store.fs = flaky = FlakyLocalFileSystem(error, failures=10)
+    with pytest.raises(StorageError):
+        store.write_and_sign([("r/0.png", b"png", "image/png")], "http://h/")
+    assert flaky.attempts == 1
+
+
+class UnreachableS3FileSystem(MemoryFileSystem):
+    """In-memory storage calling itself s3 whose writes fail as an endpoint out of reach would."""
+
+    protocol = ("s3", "memory")
+    store: ClassVar[dict[str, Any]] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
+    attempts = 0
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        type(self).attempts += 1
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+
+@pytest.mark.usefixtures("quick_retries")
+def test_writes_to_s3_are_left_to_botocores_own_retries() -> None:
+    store = ImageStore("memory://bucket/prefix", public_base_url="https://cdn.example", url_expiry_seconds=60)
+    store.fs, store.protocol = UnreachableS3FileSystem(), "s3"
+    with pytest.raises(StorageError):
+        store.write_and_sign([("r/0.png", b"png", "image/png")], "http://h/")
+    assert UnreachableS3FileSystem.attempts == 1
 
 
 FULL_DISK_WRITE = """
