@@ -357,29 +357,26 @@ def _reconcile(api: KubeApi, body: Mapping[str, Any], default_image: str) -> Out
 
     applied = apply_children(api, render_children(spec, meta, default_image), meta)
     lives, events = applied.lives, applied.events
-    if applied.rejected:
-        # The server rejected a child (e.g. a PVC shrink), or its name is taken: neither fixes itself.
-        message = "; ".join(applied.rejected + applied.waiting)
-        verdict = Verdict(
-            ready=(False, c.REASON_APPLY_FAILED, message),
-            reconciling=(False, c.REASON_APPLY_FAILED, message),
-            stalled=(True, c.REASON_APPLY_FAILED, message),
-        )
-        seen = Observed(deployment=lives.get("Deployment"), model_cache=lives.get("PersistentVolumeClaim"))
-        status = build_status(meta, verdict, previous, spec=spec, observed=seen, now=now)
-        if not _stalled_with(body, c.REASON_APPLY_FAILED, message):
-            events.append(Event("Warning", c.REASON_APPLY_FAILED, message))
-        return Outcome(status_delta(previous, status), events)
-
-    if applied.waiting:
-        # An earlier service's child on its way out (a delete and re-create under the same name):
-        # it goes by itself, and the pass its removal triggers applies ours. Not Stalled, no Warning.
-        message = "; ".join(applied.waiting)
-        verdict = Verdict(
-            ready=(False, c.REASON_WAITING_FOR_DELETION, message),
-            reconciling=(True, c.REASON_WAITING_FOR_DELETION, message),
-            stalled=(False, c.REASON_AS_EXPECTED, ""),
-        )
+    if applied.rejected or applied.waiting:
+        if applied.rejected:
+            # The server rejected a child (e.g. a PVC shrink), or its name is taken: neither fixes itself.
+            message = "; ".join(applied.rejected + applied.waiting)
+            verdict = Verdict(
+                ready=(False, c.REASON_APPLY_FAILED, message),
+                reconciling=(False, c.REASON_APPLY_FAILED, message),
+                stalled=(True, c.REASON_APPLY_FAILED, message),
+            )
+            if not _stalled_with(body, c.REASON_APPLY_FAILED, message):
+                events.append(Event("Warning", c.REASON_APPLY_FAILED, message))
+        else:
+            # An earlier service's child on its way out (a delete and re-create under the same
+            # name): it goes by itself, and the pass its removal triggers applies ours. No Warning.
+            message = "; ".join(applied.waiting)
+            verdict = Verdict(
+                ready=(False, c.REASON_WAITING_FOR_DELETION, message),
+                reconciling=(True, c.REASON_WAITING_FOR_DELETION, message),
+                stalled=(False, c.REASON_AS_EXPECTED, ""),
+            )
         seen = Observed(deployment=lives.get("Deployment"), model_cache=lives.get("PersistentVolumeClaim"))
         status = build_status(meta, verdict, previous, spec=spec, observed=seen, now=now)
         return Outcome(status_delta(previous, status), events)

@@ -9,18 +9,10 @@ import dataclasses
 
 import pytest
 
-from diffusion_worker.engine import ModelInfo
 from diffusion_worker.errors import APIError
+from support.stand_in import STAND_IN_INFO
 
-FLUX_LIKE = ModelInfo(
-    pipeline_class="FluxPipeline",
-    default_size=(1024, 1024),
-    default_steps=28,
-    default_guidance_scale=3.5,
-    supports_negative_prompt=False,
-    supports_guidance_scale=True,
-    size_multiple=16,
-)
+FLUX_LIKE = dataclasses.replace(STAND_IN_INFO, pipeline_class="FluxPipeline", size_multiple=16)
 
 
 def test_a_size_two_ranks_cannot_split_is_a_400_naming_the_rule() -> None:
